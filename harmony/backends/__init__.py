@@ -1,0 +1,3 @@
+"""
+Backend service types, one module each.
+"""

@@ -1,0 +1,3 @@
+"""
+Endpoint service types, one module each.
+"""

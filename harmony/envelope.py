@@ -1,0 +1,383 @@
+# -*- test-case-name: tests.unit.test_envelope -*-
+"""
+The protocol-neutral envelope that every request and response travels in.
+
+A L{RequestEnvelope} is built by an endpoint's protocol adapter (HTTP, DIMSE),
+runs through the pipeline's middleware and is answered by a backend with a
+L{ResponseEnvelope}.  Bodies are C{bytes} or a L{harmony.streams.Stream};
+nothing may assume a body is in memory.  DICOM operations ride in the
+C{dicom} slots as L{DicomRequest} / L{DicomResult}.
+"""
+
+import json
+
+import attr
+
+from harmony.errors import BadRequest
+from harmony.streams import Stream, collect
+
+
+class Headers:
+    """
+    An ordered, multi-valued, case-insensitive header list of C{str} pairs.
+    Names keep the spelling they arrived with; lookups ignore case.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        if isinstance(items, Headers):
+            items = items._items
+        elif isinstance(items, dict):
+            items = [
+                (k, v) for k, vs in items.items() for v in (vs if isinstance(vs, (list, tuple)) else [vs])
+            ]
+        self._items = [(str(k), str(v)) for k, v in items]
+
+    def get(self, name, default=None):
+        """
+        The first value of C{name}, or C{default}.
+        """
+        lname = name.lower()
+        for k, v in self._items:
+            if k.lower() == lname:
+                return v
+        return default
+
+    def get_all(self, name):
+        lname = name.lower()
+        return [v for k, v in self._items if k.lower() == lname]
+
+    def __contains__(self, name):
+        lname = name.lower()
+        return any(k.lower() == lname for k, _ in self._items)
+
+    def add(self, name, value):
+        self._items.append((name, str(value)))
+
+    def set(self, name, value):
+        """
+        Replace every value of C{name} by C{value}.
+        """
+        self.remove(name)
+        self._items.append((name, str(value)))
+
+    def setdefault(self, name, value):
+        if name not in self:
+            self._items.append((name, str(value)))
+
+    def remove(self, name):
+        lname = name.lower()
+        self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+
+    def items(self):
+        """
+        Every (name, value) pair in arrival order.
+        """
+        return list(self._items)
+
+    def names(self):
+        seen = {}
+        for k, _ in self._items:
+            seen.setdefault(k.lower(), k)
+        return list(seen)
+
+    def copy(self):
+        return Headers(self._items)
+
+    def as_dict(self):
+        """
+        Lower-case name -> values joined with C{", "} (RFC 9110 5.3), for
+        display and JSON rendering.
+        """
+        out = {}
+        for k, v in self._items:
+            lk = k.lower()
+            out[lk] = out[lk] + ", " + v if lk in out else v
+        return out
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __eq__(self, other):
+        if isinstance(other, Headers):
+            return self._items == other._items
+        return NotImplemented
+
+    def __repr__(self):
+        # Values may be credentials or identifiers: show names only.
+        return f"Headers(names={self.names()!r})"
+
+
+JSON_TYPES = ("application/json", "application/fhir+json", "application/dicom+json")
+
+
+def media_type(content_type):
+    """
+    The lower-case media type of a Content-Type value, without parameters.
+    """
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+@attr.s(slots=True)
+class RequestDetails:
+    """
+    Where a request came from and what it asked for.
+
+    @ivar method: upper-case method (C{"GET"}; C{"DIMSE"} for DICOM).
+    @ivar uri: the raw request target (path and query as received).
+    @ivar path: the path relative to the endpoint's prefix, without a
+        leading slash (C{"Patient/123"}; C{""} at the prefix itself).
+    @ivar full_path: the whole request path, percent-encoded as received.
+    @ivar query: decoded query parameters, name -> list of values.
+    @ivar query_string: the raw query string (without C{?}).
+    @ivar headers: a L{Headers}.
+    @ivar cookies: name -> value.
+    @ivar client: (host, port) of the peer.
+    @ivar scheme: C{"http"} or C{"https"}.
+    @ivar base_url: the public base URL of this gateway for this request.
+    @ivar prefix: the endpoint's path prefix that matched.
+    """
+
+    method = attr.ib()
+    uri = attr.ib(default="")
+    path = attr.ib(default="")
+    full_path = attr.ib(default="")
+    query = attr.ib(factory=dict)
+    query_string = attr.ib(default="")
+    headers = attr.ib(factory=Headers, converter=Headers)
+    cookies = attr.ib(factory=dict)
+    client = attr.ib(default=None)
+    scheme = attr.ib(default="http")
+    base_url = attr.ib(default="")
+    prefix = attr.ib(default="")
+
+
+@attr.s(slots=True)
+class DicomRequest:
+    """
+    A DIMSE operation carried in an envelope (filled by the DICOM issues).
+
+    @ivar operation: C{echo|find|get|move|store}.
+    @ivar query_model: C{"study"} or C{"patient"} root.
+    @ivar level: C{PATIENT|STUDY|SERIES|IMAGE}.
+    @ivar identifier: a pydicom C{Dataset} (query keys) or C{None}.
+    @ivar move_destination: destination AE title for C-MOVE.
+    @ivar priority: DIMSE priority (0 medium, 1 high, 2 low).
+    @ivar calling_aet: the peer's AE title.
+    @ivar called_aet: our AE title as the peer called it.
+    @ivar instances: for store: a L{Stream} of L{DicomInstance}.
+    """
+
+    OPERATIONS = ("echo", "find", "get", "move", "store")
+
+    operation = attr.ib(validator=attr.validators.in_(OPERATIONS))
+    query_model = attr.ib(default="study")
+    level = attr.ib(default=None)
+    identifier = attr.ib(default=None)
+    move_destination = attr.ib(default=None)
+    priority = attr.ib(default=0)
+    calling_aet = attr.ib(default=None)
+    called_aet = attr.ib(default=None)
+    instances = attr.ib(default=None)
+
+
+@attr.s(slots=True)
+class DicomInstance:
+    """
+    One DICOM instance in flight: its UIDs, transfer syntax and a byte
+    source (bytes or L{Stream}) of the Part 10 file.
+    """
+
+    sop_class_uid = attr.ib()
+    sop_instance_uid = attr.ib()
+    transfer_syntax = attr.ib()
+    data = attr.ib()
+    size = attr.ib(default=None)
+
+
+@attr.s(slots=True)
+class DicomResult:
+    """
+    The outcome of a DIMSE operation.
+
+    @ivar status: the final DIMSE status (0x0000 success).
+    @ivar error_comment: the Error Comment, if any.
+    @ivar matches: for find: a L{Stream} of identifier datasets.
+    @ivar instances: for get/move: a L{Stream} of L{DicomInstance}.
+    @ivar completed/failed/warning/remaining: sub-operation counts.
+    """
+
+    status = attr.ib(default=0x0000)
+    error_comment = attr.ib(default=None)
+    matches = attr.ib(default=None)
+    instances = attr.ib(default=None)
+    completed = attr.ib(default=None)
+    failed = attr.ib(default=None)
+    warning = attr.ib(default=None)
+    remaining = attr.ib(default=None)
+
+
+_UNPARSED = object()
+
+
+@attr.s(slots=True)
+class RequestEnvelope:
+    """
+    A request on its way through a pipeline.
+
+    @ivar details: a L{RequestDetails}.
+    @ivar body: C{bytes}, a L{Stream}, or C{None}.
+    @ivar metadata: str -> str, shared by middleware (C{pipeline},
+        C{endpoint}, C{protocol}, C{request_id} are set by Harmony).
+    @ivar target: target details set by middleware for the backend:
+        C{base_url}, C{path}, C{method}, C{query_string} (each optional).
+    @ivar dicom: a L{DicomRequest} or C{None}.
+    @ivar rewind_body: C{None}, or a callable returning a fresh copy of a
+        streamed body (lets ordered failover resend it).
+    """
+
+    details = attr.ib()
+    body = attr.ib(default=None)
+    metadata = attr.ib(factory=dict)
+    target = attr.ib(factory=dict)
+    dicom = attr.ib(default=None)
+    rewind_body = attr.ib(default=None)
+    _normalized = attr.ib(default=_UNPARSED)
+
+    @property
+    def content_type(self):
+        return self.details.headers.get("content-type", "")
+
+    @property
+    def normalized(self):
+        """
+        The parsed view of the body, once L{parse_body} has run (else
+        C{None}).  Middleware may replace it; a backend that sends a body
+        re-serialises a replaced view.
+        """
+        return None if self._normalized is _UNPARSED else self._normalized
+
+    @normalized.setter
+    def normalized(self, value):
+        self._normalized = value
+
+    @property
+    def parsed(self):
+        return self._normalized is not _UNPARSED
+
+    def parse_body(self, max_body_size=None):
+        """
+        Compute the normalized view from the body, once.  JSON bodies
+        (C{application/json}, C{+json}, or no Content-Type) parse to JSON
+        values; other media types have no parsed view (C{None}) and keep
+        their bytes untouched.  The body is read into memory (bounded by
+        C{max_body_size}: L{harmony.errors.PayloadTooLarge}) and stays
+        available as bytes.
+
+        @return: Deferred firing with the normalized view.
+        """
+        return _parse(self, max_body_size)
+
+
+async def _parse_async(envelope, max_body_size):
+    if envelope.parsed:
+        return envelope.normalized
+    mtype = media_type(envelope.content_type)
+    is_json = mtype == "" or mtype in JSON_TYPES or mtype.endswith("+json")
+    if not is_json:
+        envelope.normalized = None
+        return None
+    data = await collect(envelope.body, max_body_size)
+    envelope.body = data
+    if not data.strip():
+        envelope.normalized = None
+        return None
+    try:
+        envelope.normalized = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"Malformed JSON body: {_json_error(e)}")
+    return envelope.normalized
+
+
+def _json_error(e):
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at line {e.lineno} column {e.colno}"
+    return "body is not valid UTF-8"
+
+
+def _parse(envelope, max_body_size):
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(_parse_async(envelope, max_body_size))
+
+
+@attr.s(slots=True)
+class ResponseEnvelope:
+    """
+    A response on its way back.
+
+    @ivar status: HTTP status (DIMSE results also carry one: the endpoint
+        decides what it means in its protocol).
+    @ivar headers: a L{Headers}.
+    @ivar body: C{bytes}, a L{Stream}, or C{None}.
+    @ivar metadata: str -> str.
+    @ivar dicom: a L{DicomResult} or C{None}.
+    """
+
+    status = attr.ib(default=200)
+    headers = attr.ib(factory=Headers, converter=Headers)
+    body = attr.ib(default=None)
+    metadata = attr.ib(factory=dict)
+    dicom = attr.ib(default=None)
+    _normalized = attr.ib(default=_UNPARSED)
+
+    @property
+    def content_type(self):
+        return self.headers.get("content-type", "")
+
+    @property
+    def normalized(self):
+        return None if self._normalized is _UNPARSED else self._normalized
+
+    @normalized.setter
+    def normalized(self, value):
+        self._normalized = value
+
+    @property
+    def parsed(self):
+        return self._normalized is not _UNPARSED
+
+    def parse_body(self, max_body_size=None):
+        """
+        As L{RequestEnvelope.parse_body}, for the response body.
+        """
+        return _parse(self, max_body_size)
+
+    @classmethod
+    def json(cls, status, value, headers=(), content_type="application/json"):
+        """
+        A response whose body is C{value} serialised as JSON.
+        """
+        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        h = Headers(headers)
+        h.set("Content-Type", content_type)
+        resp = cls(status=status, headers=h, body=body)
+        resp.normalized = value
+        return resp
+
+
+def body_length(body):
+    """
+    The size in bytes of a body when known without reading it, else C{None}.
+    """
+    if body is None:
+        return 0
+    if isinstance(body, Stream):
+        return body.length
+    return len(body)

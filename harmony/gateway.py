@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.unit.test_gateway -*-
+"""
+Build the running gateway from a validated configuration: endpoints,
+backends, middleware (once per pipeline), executors, and the HTTP route
+table and application of every network.
+
+Building has no side effects (no sockets, no timers), so
+C{harmony check-config} runs the same code as startup.
+"""
+
+import attr
+from twisted.internet import defer
+
+from harmony.config.errors import ConfigError
+from harmony.http.adapter import HttpAdapter
+from harmony.http.routing import RouteTable
+from harmony.http.site import NetworkApp
+from harmony.pipeline import PipelineExecutor
+
+
+@attr.s
+class Gateway:
+    """
+    @ivar endpoints: name -> L{IEndpoint}.
+    @ivar backends: name -> L{IBackend}.
+    @ivar executors: pipeline name -> L{PipelineExecutor}.
+    @ivar route_tables: network name -> L{RouteTable}.
+    @ivar apps: network name -> L{NetworkApp} (networks with HTTP routes).
+    """
+
+    config = attr.ib()
+    endpoints = attr.ib()
+    backends = attr.ib()
+    executors = attr.ib()
+    route_tables = attr.ib()
+    apps = attr.ib()
+
+    def close(self):
+        """
+        Close every backend.
+
+        @return: Deferred[None]
+        """
+        ds = [defer.maybeDeferred(b.close) for b in self.backends.values()]
+        return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
+
+
+def build_gateway(config, registry, context):
+    """
+    @param config: a L{harmony.config.HarmonyConfig}.
+    @param registry: the L{harmony.registry.Registry} it was validated with.
+    @param context: a L{harmony.registry.BuildContext}.
+    @raise ConfigError: route conflicts, or a factory's own checks.
+    """
+    endpoints = {
+        name: registry.service(entry.service).make_endpoint(name, entry.options, context)
+        for name, entry in config.endpoints.items()
+    }
+    backends = {
+        name: registry.service(entry.service).make_backend(name, entry.options, context)
+        for name, entry in config.backends.items()
+    }
+    executors = {}
+    tables = {}
+    for pname, pipeline in config.pipelines.items():
+        instances = {}
+        for mname in dict.fromkeys(pipeline.request_middleware + pipeline.response_middleware):
+            entry = config.middleware[mname]
+            instances[mname] = registry.middleware(entry.type).make(mname, entry.options, context)
+        executors[pname] = PipelineExecutor(
+            pname,
+            [instances[m] for m in pipeline.request_middleware],
+            [instances[m] for m in pipeline.response_middleware],
+            [backends[b] for b in pipeline.backends],
+            pipeline.failover_non_idempotent,
+        )
+        for i, ename in enumerate(pipeline.endpoints):
+            for route in endpoints[ename].http_routes():
+                route = attr.evolve(route, pipeline=pname)
+                for network in pipeline.networks:
+                    table = tables.setdefault(network, RouteTable(network))
+                    try:
+                        table.add(route)
+                    except ConfigError as e:
+                        raise ConfigError(e.message, pipeline.file, ("pipelines", pname, "endpoints", i))
+    adapter = HttpAdapter(config.proxy)
+    apps = {net: NetworkApp(net, table, executors, adapter) for net, table in tables.items()}
+    return Gateway(config, endpoints, backends, executors, tables, apps)
+
+
+def describe(gateway):
+    """
+    A human summary of networks, pipelines and routes (for check-config).
+    """
+    config = gateway.config
+    lines = [f"Harmony configuration {config.path} (proxy id {config.proxy.id!r})", "", "Networks:"]
+    for name, net in sorted(config.networks.items()):
+        if net.http is None:
+            lines.append(f"  {name}: no HTTP listener")
+        else:
+            served = "serving" if name in gateway.apps else "no routes, not listening"
+            lines.append(f"  {name}: http {net.http.bind_address}:{net.http.bind_port} ({served})")
+    lines += ["", "Pipelines:"]
+    for name, p in sorted(config.pipelines.items()):
+        lines.append(f"  {name} ({p.file})" + (f": {p.description}" if p.description else ""))
+        lines.append(f"    networks:   {', '.join(p.networks) or '-'}")
+        lines.append(
+            "    endpoints:  "
+            + ", ".join(f"{e} ({config.endpoints[e].service})" for e in p.endpoints)
+        )
+        lines.append(f"    middleware: request {list(p.request_middleware)}, response {list(p.response_middleware)}")
+        lines.append(
+            "    backends:   " + ", ".join(f"{b} ({config.backends[b].service})" for b in p.backends)
+        )
+    lines += ["", "Routes:"]
+    for net, table in sorted(gateway.route_tables.items()):
+        for route in table.routes:
+            kind = "catch-all" if route.match is None else "fixed routes"
+            lines.append(
+                f"  {net} {route.prefix} -> endpoint {route.endpoint.name} "
+                f"(pipeline {route.pipeline}, {kind}; {' '.join(sorted(route.methods))})"
+            )
+    if config.warnings:
+        lines += ["", "Warnings:"] + [f"  {w}" for w in config.warnings]
+    return "\n".join(lines)

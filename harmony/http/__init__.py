@@ -1,0 +1,3 @@
+"""
+HTTP side: routing, request/envelope adapter, Klein site per network.
+"""

@@ -1,0 +1,186 @@
+# -*- test-case-name: tests.unit.test_http_adapter -*-
+"""
+twisted.web requests in and out of envelopes.
+"""
+
+from io import BytesIO
+from urllib.parse import parse_qs
+
+from harmony.logs import logger
+from zope.interface import implementer
+
+from harmony.envelope import Headers, RequestDetails, RequestEnvelope, body_length
+from harmony.http.headers import HOP_BY_HOP
+from harmony.interfaces import IProtocolAdapter
+from harmony.streams import Stream
+
+log = logger("harmony.http")
+
+#: Statuses that never carry a body (RFC 9110).
+NO_BODY_STATUSES = frozenset({204, 304}) | frozenset(range(100, 200))
+
+
+def _first_token(value):
+    return value.split(",")[0].strip() if value else ""
+
+
+def _forwarded(value):
+    """
+    The C{host} and C{proto} of the first element of a C{Forwarded} header.
+    """
+    out = {}
+    for pair in _first_token(value).split(";"):
+        if "=" in pair:
+            k, v = pair.split("=", 1)
+            out[k.strip().lower()] = v.strip().strip('"')
+    return out
+
+
+def public_base_url(headers, scheme, local_host, client_host, public_url="", trusted=()):
+    """
+    The externally visible base URL (C{scheme://host[:port]}) for links:
+    the configured C{public_base_url}; else C{Forwarded}/C{X-Forwarded-*}
+    when the client is a trusted proxy; else the C{Host} header.
+    """
+    if public_url:
+        return public_url.rstrip("/")
+    host = headers.get("host") or local_host
+    if client_host in trusted:
+        fwd = _forwarded(headers.get("forwarded", ""))
+        scheme = fwd.get("proto") or _first_token(headers.get("x-forwarded-proto", "")) or scheme
+        host = fwd.get("host") or _first_token(headers.get("x-forwarded-host", "")) or host
+    return f"{scheme}://{host}"
+
+
+@implementer(IProtocolAdapter)
+class HttpAdapter:
+    """
+    Builds L{RequestEnvelope}s from C{twisted.web} requests and writes
+    L{ResponseEnvelope}s back, streaming bodies both ways.
+
+    @param proxy_options: the frozen C{[proxy]} options (public base URL,
+        trusted proxies).
+    """
+
+    protocol = "http"
+
+    def __init__(self, proxy_options):
+        self._public_url = proxy_options.public_base_url
+        self._trusted = frozenset(proxy_options.trusted_proxies)
+
+    def to_envelope(self, raw, route, relative_path=""):
+        request = raw
+        uri = request.uri.decode("latin-1")
+        path, _, query_string = uri.partition("?")
+        headers = Headers(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        )
+        client = request.getClientAddress()
+        client_host = getattr(client, "host", None)
+        scheme = "https" if request.isSecure() else "http"
+        host = request.getHost()
+        details = RequestDetails(
+            method=request.method.decode("ascii"),
+            uri=uri,
+            path=relative_path,
+            full_path=path,
+            query=parse_qs(query_string, keep_blank_values=True) if query_string else {},
+            query_string=query_string,
+            headers=headers,
+            cookies={
+                k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()
+            },
+            client=(client_host, getattr(client, "port", None)),
+            scheme=scheme,
+            base_url=public_base_url(
+                headers,
+                scheme,
+                f"{getattr(host, 'host', 'localhost')}:{getattr(host, 'port', '')}".rstrip(":"),
+                client_host,
+                self._public_url,
+                self._trusted,
+            ),
+            prefix=route.prefix,
+        )
+        envelope = RequestEnvelope(details=details, body=self._body(request))
+        if isinstance(envelope.body, Stream):
+            envelope.rewind_body = lambda: self._body(request)
+        envelope.metadata["protocol"] = "http"
+        return envelope
+
+    @staticmethod
+    def _body(request):
+        """
+        The request body: bytes when twisted.web kept it in memory, else a
+        L{Stream} over the temporary file it was spooled to.
+        """
+        content = request.content
+        if content is None:
+            return b""
+        if isinstance(content, BytesIO):
+            return content.getvalue()
+        content.seek(0, 2)
+        length = content.tell()
+        content.seek(0)
+        return Stream.from_file(content, length=length, close=False)
+
+    def write_response(self, raw, response):
+        """
+        Write status, headers and body; bodies that are streams are piped
+        with backpressure.  A failure in the middle of a streamed body
+        aborts the connection (the status line is already sent).
+
+        @return: Deferred[None]
+        """
+        from twisted.internet import defer
+
+        request = raw
+        lost = []
+        request.notifyFinish().addErrback(lost.append)
+        request.setResponseCode(response.status)
+        out = request.responseHeaders
+        for name, value in response.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname == "content-length":
+                continue
+            out.addRawHeader(name, value)
+        body = response.body
+        if request.method == b"HEAD":
+            # A HEAD answer describes the GET entity: keep its length.
+            cl = response.headers.get("content-length")
+            if cl is not None:
+                out.setRawHeaders(b"content-length", [cl.encode("latin-1")])
+            if isinstance(body, Stream):
+                body.cancel()
+            request.finish()
+            return defer.succeed(None)
+        if response.status in NO_BODY_STATUSES:
+            if isinstance(body, Stream):
+                body.cancel()
+            request.finish()
+            return defer.succeed(None)
+        length = body_length(body)
+        if length is not None:
+            out.setRawHeaders(b"content-length", [str(length).encode("ascii")])
+        if not isinstance(body, Stream):
+            if body:
+                request.write(body)
+            request.finish()
+            return defer.succeed(None)
+
+        def done(_):
+            if not lost:
+                request.finish()
+
+        def failed(reason):
+            if lost:
+                return None
+            log.error(
+                "Response body failed after the status was sent; aborting the connection: {error}",
+                error=reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else reason,
+            )
+            request.channel.transport.abortConnection()
+
+        return body.pipe_to(request).addCallbacks(done, failed)

@@ -1,0 +1,3 @@
+"""
+Middleware types, one module each.
+"""
