@@ -80,7 +80,7 @@ class Headers:
         seen = {}
         for k, _ in self._items:
             seen.setdefault(k.lower(), k)
-        return list(seen)
+        return list(seen.values())
 
     def copy(self):
         return Headers(self._items)

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from harmony.config.errors import ConfigError
 from harmony.http.adapter import HttpAdapter
 from harmony.http.routing import RouteTable
-from harmony.http.site import NetworkApp
+from harmony.http.site import NetworkResource
 from harmony.pipeline import PipelineExecutor
 
 
@@ -25,7 +25,7 @@ class Gateway:
     @ivar backends: name -> L{IBackend}.
     @ivar executors: pipeline name -> L{PipelineExecutor}.
     @ivar route_tables: network name -> L{RouteTable}.
-    @ivar apps: network name -> L{NetworkApp} (networks with HTTP routes).
+    @ivar apps: network name -> L{NetworkResource} (networks with HTTP routes).
     """
 
     config = attr.ib()
@@ -84,7 +84,7 @@ def build_gateway(config, registry, context):
                     except ConfigError as e:
                         raise ConfigError(e.message, pipeline.file, ("pipelines", pname, "endpoints", i))
     adapter = HttpAdapter(config.proxy)
-    apps = {net: NetworkApp(net, table, executors, adapter) for net, table in tables.items()}
+    apps = {net: NetworkResource(net, table, executors, adapter) for net, table in tables.items()}
     return Gateway(config, endpoints, backends, executors, tables, apps)
 
 

@@ -54,6 +54,25 @@ class BuildContext:
     config = attr.ib(default=None)
 
 
+def _markable(cls):
+    """
+    Let C{zope.interface.alsoProvides} / C{directlyProvides} mark instances
+    of a frozen attrs class (how a third party declares C{IPlugin} on a
+    L{ServiceType} or L{MiddlewareType}); every other attribute stays frozen.
+    """
+    frozen_setattr = cls.__setattr__
+
+    def __setattr__(self, name, value):
+        if name == "__provides__":
+            object.__setattr__(self, name, value)
+        else:
+            frozen_setattr(self, name, value)
+
+    cls.__setattr__ = __setattr__
+    return cls
+
+
+@_markable
 @implementer(IServiceType)
 @attr.s(frozen=True)
 class ServiceType:
@@ -79,6 +98,7 @@ class ServiceType:
         return self.backend_factory(name, options, context)
 
 
+@_markable
 @implementer(IMiddlewareType)
 @attr.s(frozen=True)
 class MiddlewareType:

@@ -410,12 +410,13 @@ class BytesBodyProducer:
     """
 
     def __init__(self, data):
-        self._data = data
+        #: The whole body; HTTP clients may write it with the request head.
+        self.body_bytes = data
         self.length = len(data)
 
     def startProducing(self, consumer):
-        if self._data:
-            consumer.write(self._data)
+        if self.body_bytes:
+            consumer.write(self.body_bytes)
         return defer.succeed(None)
 
     def pauseProducing(self):

@@ -109,21 +109,21 @@ class GatewayService(service.MultiService):
 
 def make_agent(reactor):
     """
-    The process-wide outbound HTTP agent (one connection pool) and a treq
-    client over it without a shared cookie jar.
+    The process-wide outbound HTTP agent (it is its own connection pool)
+    and a treq client over it without a shared cookie jar.
+
+    @return: (pool, agent, http_client)
     """
     from http.cookiejar import CookieJar, DefaultCookiePolicy
 
     from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
-    pool.cachedConnectionTimeout = 60
-    agent = Agent(reactor, pool=pool)
+    from harmony.http.client import PooledAgent
+
+    agent = PooledAgent(reactor)
     # A jar that accepts nothing: upstream cookies belong to their client.
     jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return pool, agent, HTTPClient(agent, cookiejar=jar)
+    return agent, agent, HTTPClient(agent, cookiejar=jar)
 
 
 def makeService(options):

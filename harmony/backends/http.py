@@ -209,11 +209,16 @@ class HttpBackend:
         return d
 
     def _response(self, response):
-        headers = Headers(
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, values in response.headers.getAllRawHeaders()
-            for value in values
-        )
+        raw = getattr(response, "raw_headers", None)
+        if raw is None:
+            raw = [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values]
+        headers = Headers((name.decode("latin-1"), value.decode("latin-1")) for name, value in raw)
+        # Hop-by-hop headers (and those named in Connection) stay on this
+        # hop; Content-Length is kept: a HEAD answer's entity length.
+        length_values = headers.get_all("content-length")
+        headers = end_to_end(headers)
+        for value in length_values:
+            headers.add("Content-Length", value)
         length = response.length
         if length is not UNKNOWN_LENGTH and length <= SMALL_BODY:
             finished = defer.Deferred()

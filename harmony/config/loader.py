@@ -132,13 +132,26 @@ def load_config(path, registry=None, environ=None):
 def _read_toml(path, shown):
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError("file not found", shown)
     except OSError as e:
         raise ConfigError(f"cannot read file: {e.strerror}", shown)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"invalid TOML: not UTF-8 (at line {line}, byte {e.start})", shown)
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"invalid TOML: {e}", shown)
+        message = str(e)
+        if message.endswith("(at end of document)"):
+            # Name the line and column there too.
+            line = text.count("\n") + 1
+            column = len(text) - text.rfind("\n")
+            message = message[: -len(")")] + f", line {line}, column {column})"
+        raise ConfigError(f"invalid TOML: {message}", shown)
 
 
 def _merge(base, data, shown, origins):
@@ -197,7 +210,8 @@ def _validate(data, where, registry, path, base_dir, files):
         data.pop("middleware_legacy")
         where.child("middleware_legacy").warn("deprecated legacy table, ignored")
     if "targets" in data:
-        raise where.child("targets").error(
+        names = list(data["targets"])
+        raise where.child("targets", names and where.origins.get(("targets", names[0]))).error(
             "targets are not supported by this version of Harmony (backends have one base_url)"
         )
     for key in data:

@@ -10,6 +10,7 @@ from harmony.logs import logger
 from zope.interface import implementer
 
 from harmony.envelope import Headers, RequestDetails, RequestEnvelope, body_length
+from harmony.errors import PayloadTooLarge
 from harmony.http.headers import HOP_BY_HOP
 from harmony.interfaces import IProtocolAdapter
 from harmony.streams import Stream
@@ -18,6 +19,10 @@ log = logger("harmony.http")
 
 #: Statuses that never carry a body (RFC 9110).
 NO_BODY_STATUSES = frozenset({204, 304}) | frozenset(range(100, 200))
+
+#: Singleton headers that twisted.web sets on every response; a backend's
+#: value replaces them (never two Date or Server headers).
+_DEFAULTED = frozenset({"server", "date"})
 
 
 def _first_token(value):
@@ -67,6 +72,8 @@ class HttpAdapter:
     def __init__(self, proxy_options):
         self._public_url = proxy_options.public_base_url
         self._trusted = frozenset(proxy_options.trusted_proxies)
+        limits = getattr(proxy_options, "content_limits", None)
+        self._max_body_size = getattr(limits, "max_body_size", None)
 
     def to_envelope(self, raw, route, relative_path=""):
         request = raw
@@ -104,7 +111,11 @@ class HttpAdapter:
             ),
             prefix=route.prefix,
         )
-        envelope = RequestEnvelope(details=details, body=self._body(request))
+        body = self._body(request)
+        length = body_length(body)
+        if self._max_body_size is not None and length is not None and length > self._max_body_size:
+            raise PayloadTooLarge()
+        envelope = RequestEnvelope(details=details, body=body)
         if isinstance(envelope.body, Stream):
             envelope.rewind_body = lambda: self._body(request)
         envelope.metadata["protocol"] = "http"
@@ -141,6 +152,8 @@ class HttpAdapter:
         request.notifyFinish().addErrback(lost.append)
         request.setResponseCode(response.status)
         out = request.responseHeaders
+        for name in {n.lower() for n, _ in response.headers} & _DEFAULTED:
+            out.removeHeader(name)
         for name, value in response.headers:
             lname = name.lower()
             if lname in HOP_BY_HOP or lname == "content-length":
