@@ -22,6 +22,7 @@ from zope.interface import implementer
 from harmony.config.schema import REQUIRED, Field, Number, Schema, Str
 from harmony.envelope import Headers, ResponseEnvelope
 from harmony.errors import UpstreamTimeout, UpstreamUnavailable
+from harmony.http.client import PooledAgent
 from harmony.http.headers import end_to_end
 from harmony.interfaces import IBackend
 from harmony.streams import Stream, body_producer
@@ -143,6 +144,8 @@ class HttpBackend:
         self.name = name
         self.options = options
         self._agent = context.agent
+        # Harmony's own agent takes headers as byte pairs (no Headers object).
+        self._raw_headers = isinstance(context.agent, PooledAgent)
         self._clock = context.reactor
         self._base = options.base_url.rstrip("/")
         self._timeout = options.timeout_secs
@@ -165,9 +168,12 @@ class HttpBackend:
         method = envelope.target.get("method", details.method).upper()
         headers = end_to_end(details.headers, drop=("host", "expect"))
         _forwarding_headers(headers, details)
-        twisted_headers = TwistedHeaders()
-        for name, value in headers:
-            twisted_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if self._raw_headers:
+            out_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        else:
+            out_headers = TwistedHeaders()
+            for name, value in headers:
+                out_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         body = envelope.body
         if body is not None and not isinstance(body, Stream) and not body and method in ("GET", "HEAD", "DELETE", "OPTIONS"):
             producer = None
@@ -176,7 +182,7 @@ class HttpBackend:
         url = self.url(envelope).encode("latin-1")
 
         timed_out = []
-        d = self._agent.request(method.encode("ascii"), url, twisted_headers, producer)
+        d = self._agent.request(method.encode("ascii"), url, out_headers, producer)
 
         def on_timeout():
             timed_out.append(True)

@@ -7,6 +7,7 @@ from io import BytesIO
 from urllib.parse import parse_qs
 
 from harmony.logs import logger
+from twisted.internet import defer
 from zope.interface import implementer
 
 from harmony.envelope import Headers, RequestDetails, RequestEnvelope, body_length
@@ -87,7 +88,12 @@ class HttpAdapter:
         client = request.getClientAddress()
         client_host = getattr(client, "host", None)
         scheme = "https" if request.isSecure() else "http"
-        host = request.getHost()
+        if self._public_url or "host" in headers:
+            local = ""
+        else:
+            host = request.getHost()
+            local = f"{getattr(host, 'host', 'localhost')}:{getattr(host, 'port', '')}".rstrip(":")
+        cookies = request.received_cookies
         details = RequestDetails(
             method=request.method.decode("ascii"),
             uri=uri,
@@ -96,19 +102,10 @@ class HttpAdapter:
             query=parse_qs(query_string, keep_blank_values=True) if query_string else {},
             query_string=query_string,
             headers=headers,
-            cookies={
-                k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()
-            },
+            cookies={k.decode("latin-1"): v.decode("latin-1") for k, v in cookies.items()} if cookies else {},
             client=(client_host, getattr(client, "port", None)),
             scheme=scheme,
-            base_url=public_base_url(
-                headers,
-                scheme,
-                f"{getattr(host, 'host', 'localhost')}:{getattr(host, 'port', '')}".rstrip(":"),
-                client_host,
-                self._public_url,
-                self._trusted,
-            ),
+            base_url=public_base_url(headers, scheme, local, client_host, self._public_url, self._trusted),
             prefix=route.prefix,
         )
         body = self._body(request)
@@ -145,11 +142,12 @@ class HttpAdapter:
 
         @return: Deferred[None]
         """
-        from twisted.internet import defer
-
         request = raw
-        lost = []
-        request.notifyFinish().addErrback(lost.append)
+        if request.channel is None:
+            # The client went away while the pipeline ran.
+            if isinstance(response.body, Stream):
+                response.body.cancel()
+            return defer.succeed(None)
         request.setResponseCode(response.status)
         out = request.responseHeaders
         for name in {n.lower() for n, _ in response.headers} & _DEFAULTED:
@@ -163,6 +161,8 @@ class HttpAdapter:
         if request.method == b"HEAD":
             # A HEAD answer describes the GET entity: keep its length.
             cl = response.headers.get("content-length")
+            if cl is None and body is not None and not isinstance(body, Stream):
+                cl = str(len(body))
             if cl is not None:
                 out.setRawHeaders(b"content-length", [cl.encode("latin-1")])
             if isinstance(body, Stream):
@@ -184,11 +184,11 @@ class HttpAdapter:
             return defer.succeed(None)
 
         def done(_):
-            if not lost:
+            if request.channel is not None:
                 request.finish()
 
         def failed(reason):
-            if lost:
+            if request.channel is None:
                 return None
             log.error(
                 "Response body failed after the status was sent; aborting the connection: {error}",

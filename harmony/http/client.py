@@ -200,6 +200,7 @@ class HTTP11Connection(Protocol):
         self._body_done = None
         self.reused = False
         self.lost = False
+        self.idle_since = 0.0
 
     def connectionMade(self):
         setter = getattr(self.transport, "setTcpNoDelay", None)
@@ -219,14 +220,17 @@ class HTTP11Connection(Protocol):
         self._finished = defer.Deferred(lambda d: self.abort())
         lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
         has_host = False
-        for name, values in headers.getAllRawHeaders():
+        if isinstance(headers, Headers):
+            headers = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+        for name, value in headers:
             lname = name.lower()
             if lname == b"host":
                 has_host = True
-            if lname in (b"content-length", b"transfer-encoding"):
+            elif lname == b"content-length" or lname == b"transfer-encoding":
                 continue
-            for value in values:
-                lines += [name, b": ", value, b"\r\n"]
+            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+                raise ValueError("header names and values must not contain CR or LF")
+            lines += [name, b": ", value, b"\r\n"]
         if has_host:
             # An explicit Host header wins over the URL's.
             lines[3:6] = [b" HTTP/1.1\r\n"]
@@ -493,10 +497,14 @@ class PooledAgent:
         self._idle_timeout = idle_timeout
         self._tls = tls_policy or BrowserLikePolicyForHTTPS()
         self._idle = {}
-        self._timers = {}
+        self._sweeper = None
         self._endpoints = {}
 
     def request(self, method, uri, headers=None, bodyProducer=None):
+        """
+        C{IAgent.request}.  C{headers} may also be a list of C{(name, value)}
+        byte pairs (cheaper than a L{Headers}).
+        """
         try:
             scheme, host, port, target = split_url(uri)
         except ValueError as e:
@@ -506,7 +514,7 @@ class PooledAgent:
         host_header = host if port == default else b"%s:%d" % (host, port)
         if b":" in host:
             host_header = b"[%s]" % host if port == default else b"[%s]:%d" % (host, port)
-        headers = headers if headers is not None else Headers()
+        headers = headers if headers is not None else ()
         retryable = method in _IDEMPOTENT and (bodyProducer is None or hasattr(bodyProducer, "body_bytes"))
         conn = self._take_idle(key)
         if conn is not None:
@@ -540,14 +548,18 @@ class PooledAgent:
 
     def _take_idle(self, key):
         conns = self._idle.get(key)
+        if not conns:
+            return None
+        now = self._reactor.seconds()
         while conns:
             conn = conns.pop()
-            timer = self._timers.pop(conn, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-            if not conn.lost:
-                conn.reused = True
-                return conn
+            if conn.lost:
+                continue
+            if now - conn.idle_since > self._idle_timeout:
+                conn.transport.loseConnection()
+                continue
+            conn.reused = True
+            return conn
         return None
 
     def _release(self, conn):
@@ -557,23 +569,29 @@ class PooledAgent:
         if len(conns) >= self._max_idle:
             conn.transport.loseConnection()
             return
+        conn.idle_since = self._reactor.seconds()
         conns.append(conn)
-        self._timers[conn] = self._reactor.callLater(self._idle_timeout, self._expire, conn)
+        if self._sweeper is None:
+            self._sweeper = self._reactor.callLater(self._idle_timeout, self._sweep)
 
-    def _expire(self, conn):
-        self._timers.pop(conn, None)
-        conns = self._idle.get(conn.key, [])
-        if conn in conns:
-            conns.remove(conn)
-            conn.transport.loseConnection()
+    def _sweep(self):
+        """
+        Close connections idle for longer than the idle timeout (checked
+        every C{idle_timeout} seconds while any connection is idle).
+        """
+        self._sweeper = None
+        now = self._reactor.seconds()
+        for conns in self._idle.values():
+            for conn in [c for c in conns if now - c.idle_since > self._idle_timeout]:
+                conns.remove(conn)
+                conn.transport.loseConnection()
+        if any(self._idle.values()):
+            self._sweeper = self._reactor.callLater(self._idle_timeout, self._sweep)
 
     def _forget(self, conn):
         conns = self._idle.get(conn.key)
         if conns and conn in conns:
             conns.remove(conn)
-        timer = self._timers.pop(conn, None)
-        if timer is not None and timer.active():
-            timer.cancel()
 
     def closeCachedConnections(self):
         """
@@ -584,9 +602,8 @@ class PooledAgent:
         for conns in self._idle.values():
             for conn in list(conns):
                 conn.transport.loseConnection()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
         self._idle.clear()
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
         return defer.succeed(None)
