@@ -21,18 +21,58 @@ class Headers:
     """
     An ordered, multi-valued, case-insensitive header list of C{str} pairs.
     Names keep the spelling they arrived with; lookups ignore case.
+
+    Headers received from the network are kept as the raw byte pairs until
+    someone reads or changes them as text (L{from_raw}, L{raw}): a request
+    proxied untouched never decodes and re-encodes its headers.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_list", "_raw")
 
     def __init__(self, items=()):
+        self._raw = None
         if isinstance(items, Headers):
-            items = items._items
+            if items._list is None:
+                self._list = None
+                self._raw = list(items._raw)
+                return
+            items = items._list
         elif isinstance(items, dict):
             items = [
                 (k, v) for k, vs in items.items() for v in (vs if isinstance(vs, (list, tuple)) else [vs])
             ]
-        self._items = [(str(k), str(v)) for k, v in items]
+        self._list = [(str(k), str(v)) for k, v in items]
+
+    @classmethod
+    def from_raw(cls, pairs):
+        """
+        Headers over a list of C{(name, value)} byte pairs (latin-1).
+        """
+        headers = cls.__new__(cls)
+        headers._list = None
+        headers._raw = pairs
+        return headers
+
+    def raw(self):
+        """
+        The headers as C{(name, value)} byte pairs (latin-1).
+        """
+        if self._list is None:
+            return self._raw
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._list]
+
+    @property
+    def _items(self):
+        items = self._list
+        if items is None:
+            items = self._list = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._raw]
+        self._raw = None
+        return items
+
+    @_items.setter
+    def _items(self, value):
+        self._list = value
+        self._raw = None
 
     def get(self, name, default=None):
         """
@@ -83,7 +123,7 @@ class Headers:
         return list(seen.values())
 
     def copy(self):
-        return Headers(self._items)
+        return Headers(self)
 
     def as_dict(self):
         """
@@ -100,7 +140,7 @@ class Headers:
         return iter(self._items)
 
     def __len__(self):
-        return len(self._items)
+        return len(self._raw if self._list is None else self._list)
 
     def __eq__(self, other):
         if isinstance(other, Headers):
@@ -110,6 +150,13 @@ class Headers:
     def __repr__(self):
         # Values may be credentials or identifiers: show names only.
         return f"Headers(names={self.names()!r})"
+
+
+def as_headers(value):
+    """
+    A L{Headers} from a L{Headers} (kept as is), a list of pairs or a dict.
+    """
+    return value if isinstance(value, Headers) else Headers(value)
 
 
 JSON_TYPES = ("application/json", "application/fhir+json", "application/dicom+json")
@@ -150,7 +197,7 @@ class RequestDetails:
     full_path = attr.ib(default="")
     query = attr.ib(factory=dict)
     query_string = attr.ib(default="")
-    headers = attr.ib(factory=Headers, converter=Headers)
+    headers = attr.ib(factory=Headers, converter=as_headers)
     cookies = attr.ib(factory=dict)
     client = attr.ib(default=None)
     scheme = attr.ib(default="http")
@@ -331,7 +378,7 @@ class ResponseEnvelope:
     """
 
     status = attr.ib(default=200)
-    headers = attr.ib(factory=Headers, converter=Headers)
+    headers = attr.ib(factory=Headers, converter=as_headers)
     body = attr.ib(default=None)
     metadata = attr.ib(factory=dict)
     dicom = attr.ib(default=None)

@@ -23,7 +23,7 @@ from harmony.config.schema import REQUIRED, Field, Number, Schema, Str
 from harmony.envelope import Headers, ResponseEnvelope
 from harmony.errors import UpstreamTimeout, UpstreamUnavailable
 from harmony.http.client import PooledAgent
-from harmony.http.headers import end_to_end
+from harmony.http.headers import end_to_end_raw
 from harmony.interfaces import IBackend
 from harmony.streams import Stream, body_producer
 
@@ -102,30 +102,46 @@ class _Feed(Protocol):
             self._stream.fail(UpstreamUnavailable("Upstream connection lost in the middle of the body"))
 
 
-def _forwarding_headers(headers, details):
+_FORWARDING = frozenset({b"host", b"expect", b"x-forwarded-for", b"forwarded"})
+
+
+def forwarded_headers(details):
     """
-    Add X-Forwarded-For/-Host/-Proto and Forwarded for the upstream.
+    The request's end-to-end headers as byte pairs, with C{Host} and
+    C{Expect} removed and C{X-Forwarded-For}/C{-Host}/C{-Proto} and
+    C{Forwarded} added (appended to what earlier proxies sent).
     """
-    client = details.client[0] if details.client else None
-    original_host = details.headers.get("host", "")
+    pairs = end_to_end_raw(details.headers.raw(), _FORWARDING)
+    prior_for, prior_fwd, host = [], [], b""
+    has_xfh = has_xfp = False
+    for k, v in details.headers.raw():
+        lk = k.lower()
+        if lk == b"x-forwarded-for":
+            prior_for.append(v)
+        elif lk == b"forwarded":
+            prior_fwd.append(v)
+        elif lk == b"host" and not host:
+            host = v
+        elif lk == b"x-forwarded-host":
+            has_xfh = True
+        elif lk == b"x-forwarded-proto":
+            has_xfp = True
+    scheme = details.scheme.encode("ascii")
+    client = (details.client[0] or "").encode("latin-1") if details.client else b""
     if client:
-        prior = headers.get("x-forwarded-for")
-        headers.set("X-Forwarded-For", f"{prior}, {client}" if prior else client)
-    if original_host:
-        headers.setdefault("X-Forwarded-Host", original_host)
-    headers.setdefault("X-Forwarded-Proto", details.scheme)
-    node = f'"[{client}]"' if client and ":" in client else client
-    element = ";".join(
-        p
-        for p in (
-            f"for={node}" if node else "",
-            f'host="{original_host}"' if original_host else "",
-            f"proto={details.scheme}",
-        )
-        if p
+        pairs.append((b"X-Forwarded-For", b", ".join(prior_for + [client])))
+    elif prior_for:
+        pairs.append((b"X-Forwarded-For", b", ".join(prior_for)))
+    if host and not has_xfh:
+        pairs.append((b"X-Forwarded-Host", host))
+    if not has_xfp:
+        pairs.append((b"X-Forwarded-Proto", scheme))
+    node = b'"[' + client + b']"' if b":" in client else client
+    element = b";".join(
+        p for p in (b"for=" + node if node else b"", b'host="' + host + b'"' if host else b"", b"proto=" + scheme) if p
     )
-    prior = headers.get("forwarded")
-    headers.set("Forwarded", f"{prior}, {element}" if prior else element)
+    pairs.append((b"Forwarded", b", ".join(prior_fwd + [element])))
+    return pairs
 
 
 @implementer(IBackend)
@@ -166,14 +182,12 @@ class HttpBackend:
     def handle(self, envelope):
         details = envelope.details
         method = envelope.target.get("method", details.method).upper()
-        headers = end_to_end(details.headers, drop=("host", "expect"))
-        _forwarding_headers(headers, details)
-        if self._raw_headers:
-            out_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
-        else:
-            out_headers = TwistedHeaders()
-            for name, value in headers:
-                out_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        out_headers = forwarded_headers(details)
+        if not self._raw_headers:
+            twisted_headers = TwistedHeaders()
+            for name, value in out_headers:
+                twisted_headers.addRawHeader(name, value)
+            out_headers = twisted_headers
         body = envelope.body
         if body is not None and not isinstance(body, Stream) and not body and method in ("GET", "HEAD", "DELETE", "OPTIONS"):
             producer = None
@@ -218,13 +232,11 @@ class HttpBackend:
         raw = getattr(response, "raw_headers", None)
         if raw is None:
             raw = [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values]
-        headers = Headers((name.decode("latin-1"), value.decode("latin-1")) for name, value in raw)
         # Hop-by-hop headers (and those named in Connection) stay on this
         # hop; Content-Length is kept: a HEAD answer's entity length.
-        length_values = headers.get_all("content-length")
-        headers = end_to_end(headers)
-        for value in length_values:
-            headers.add("Content-Length", value)
+        pairs = end_to_end_raw(raw)
+        pairs += [(k, v) for k, v in raw if k.lower() == b"content-length"]
+        headers = Headers.from_raw(pairs)
         length = response.length
         if length is not UNKNOWN_LENGTH and length <= SMALL_BODY:
             finished = defer.Deferred()

@@ -23,7 +23,8 @@ NO_BODY_STATUSES = frozenset({204, 304}) | frozenset(range(100, 200))
 
 #: Singleton headers that twisted.web sets on every response; a backend's
 #: value replaces them (never two Date or Server headers).
-_DEFAULTED = frozenset({"server", "date"})
+_DEFAULTED = frozenset({b"server", b"date"})
+_SKIP = frozenset(n.encode("ascii") for n in HOP_BY_HOP) | {b"content-length"}
 
 
 def _first_token(value):
@@ -80,15 +81,14 @@ class HttpAdapter:
         request = raw
         uri = request.uri.decode("latin-1")
         path, _, query_string = uri.partition("?")
-        headers = Headers(
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, values in request.requestHeaders.getAllRawHeaders()
-            for value in values
+        headers = Headers.from_raw(
+            [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
         )
         client = request.getClientAddress()
         client_host = getattr(client, "host", None)
         scheme = "https" if request.isSecure() else "http"
-        if self._public_url or "host" in headers:
+        host_header = request.getHeader(b"host")
+        if self._public_url or host_header:
             local = ""
         else:
             host = request.getHost()
@@ -105,7 +105,11 @@ class HttpAdapter:
             cookies={k.decode("latin-1"): v.decode("latin-1") for k, v in cookies.items()} if cookies else {},
             client=(client_host, getattr(client, "port", None)),
             scheme=scheme,
-            base_url=public_base_url(headers, scheme, local, client_host, self._public_url, self._trusted),
+            base_url=self._public_url.rstrip("/")
+            if self._public_url
+            else public_base_url(headers, scheme, local, client_host, "", self._trusted)
+            if client_host in self._trusted
+            else f"{scheme}://{host_header.decode('latin-1') if host_header else local}",
             prefix=route.prefix,
         )
         body = self._body(request)
@@ -150,12 +154,13 @@ class HttpAdapter:
             return defer.succeed(None)
         request.setResponseCode(response.status)
         out = request.responseHeaders
-        for name in {n.lower() for n, _ in response.headers} & _DEFAULTED:
-            out.removeHeader(name)
-        for name, value in response.headers:
+        raw = response.headers.raw()
+        for name, value in raw:
             lname = name.lower()
-            if lname in HOP_BY_HOP or lname == "content-length":
+            if lname in _SKIP:
                 continue
+            if lname in _DEFAULTED and out.hasHeader(lname):
+                out.removeHeader(lname)
             out.addRawHeader(name, value)
         body = response.body
         if request.method == b"HEAD":

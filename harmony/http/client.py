@@ -45,6 +45,11 @@ _NO_BODY = frozenset({204, 304})
 MAX_HEAD = 64 * 1024
 
 
+#: The end of every complete body (a Failure is costly to build; body
+#: protocols only inspect it).
+_DONE = Failure(ResponseDone())
+
+
 class ResponseHeadTooLarge(Exception):
     pass
 
@@ -455,7 +460,7 @@ class HTTP11Connection(Protocol):
             self._state = "closed"
             self.transport.loseConnection()
         if response is not None:
-            response._finish(Failure(ResponseDone()))
+            response._finish(_DONE)
 
     def abort(self):
         self._keep_alive = False

@@ -18,10 +18,13 @@ behind their prefix.
 
 import json
 import tempfile
+import time
 from io import BytesIO
 
 from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 
 from harmony.errors import HarmonyError
@@ -104,6 +107,44 @@ class NetworkResource(Resource):
 NetworkApp = NetworkResource
 
 
+_date_cache = [0, b""]
+
+
+def http_date(now=None):
+    """
+    The C{Date} header value, formatted once per second.
+    """
+    second = int(time.time() if now is None else now)
+    if _date_cache[0] != second:
+        _date_cache[0] = second
+        _date_cache[1] = datetimeToString(second)
+    return _date_cache[1]
+
+
+class HarmonyRequest(server.Request):
+    """
+    A request that skips what a gateway does not use: twisted.web's parsing
+    of form and multipart bodies into C{request.args} (memory-hungry with
+    large uploads; bodies are passed on untouched) and resource traversal
+    (the network resource is a leaf).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
+
+    def process(self):
+        self.site = self.channel.site
+        self.setHeader(b"Server", b"Harmony")
+        self.setHeader(b"Date", http_date())
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+
 class HarmonySite(server.Site):
     """
     A Site that keeps small bodies in memory, and does not write
@@ -113,6 +154,7 @@ class HarmonySite(server.Site):
 
     noisy = False
     displayTracebacks = False
+    requestFactory = HarmonyRequest
 
     def log(self, request):
         pass
