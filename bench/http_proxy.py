@@ -44,6 +44,7 @@ REPO = os.path.dirname(HERE)
 PYTHON = sys.executable
 TARGET_RPS = 3300
 TARGET_BODY = 1024
+OTHER_CPU_WARN = 20  # % of one core busy outside our processes -> warn (see README)
 PATH = "/bench/item"  # requested path (Harmony's endpoint prefix is /bench)
 
 # ---------------------------------------------------------------------------
@@ -387,6 +388,20 @@ def run_wrk(url, script, duration, connections, cores, env, timeout_s=5):
     return out
 
 
+def sys_busy_ticks():
+    """Machine-wide busy CPU ticks (all cores): user, nice, system, irq, softirq, steal."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+
+def children_ticks(tick):
+    """CPU ticks of the waited-for children (here: the wrk runs)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (r.ru_utime + r.ru_stime) * tick
+
+
 def fmt_ms(us):
     return f"{us / 1000:.2f}"
 
@@ -504,20 +519,31 @@ def main():
             for method in ("GET", "POST"):
                 if warmup:
                     run_wrk(url, scripts[method], warmup, args.connections, wrk_core, env)
-                before = {c.name: c.cpu_ticks() for c in (backend, proc) if c}
+                before = {c.name: c.cpu_ticks() for c in children}
+                sys0, wrk0, t0 = sys_busy_ticks(), children_ticks(tick), time.monotonic()
                 r = run_wrk(url, scripts[method], duration, args.connections, wrk_core, env)
-                after = {c.name: c.cpu_ticks() for c in (backend, proc) if c}
+                after = {c.name: c.cpu_ticks() for c in children}
+                sys1, wrk1, t1 = sys_busy_ticks(), children_ticks(tick), time.monotonic()
                 secs = r["duration_us"] / 1e6
                 cpu = {}
                 for k in before:
                     if before[k] is not None and after[k] is not None:
                         cpu[k] = 100.0 * (after[k] - before[k]) / tick / secs
+                wrk_cpu = 100.0 * (wrk1 - wrk0) / tick / (t1 - t0)
+                ours = sum(cpu.values()) * secs / (t1 - t0) + wrk_cpu
+                # Busy CPU not used by our processes: other load on the machine, plus
+                # interrupt/softirq time (loopback networking) not charged to any process.
+                other = max(0.0, 100.0 * (sys1 - sys0) / tick / (t1 - t0) - ours)
+                r["other_cpu"] = other
+                r["wrk_cpu"] = wrk_cpu
+                cpu = {k: v for k, v in cpu.items() if k in ("backend", getattr(proc, "name", None))}
                 r["cpu"] = cpu
                 results[(name, method)] = r
                 errs = {k[7:]: int(v) for k, v in r.items() if k.startswith("errors_") and v}
                 line = (f"  {name:<9} {method:<4} {r['rps']:9.0f} req/s  p50 {fmt_ms(r['p50_us'])} ms  "
                         f"p99 {fmt_ms(r['p99_us'])} ms  cpu: " +
-                        ", ".join(f"{k} {v:.0f}%" for k, v in cpu.items()))
+                        ", ".join(f"{k} {v:.0f}%" for k, v in cpu.items()) +
+                        f", wrk {r['wrk_cpu']:.0f}%, other {r['other_cpu']:.0f}%")
                 print(line, flush=True)
                 if errs:
                     msg = f"{name} {method}: wrk reported errors {errs} in {int(r['requests'])} requests"
@@ -535,7 +561,7 @@ def main():
         label = {"direct": "direct (wrk -> backend)", "harmony": "harmony (twistd harmony)",
                  "revproxy": "ReverseProxyResource"}
         hdr = f"{'target':<26} {'method':<6} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} " \
-              f"{'proxy cpu':>9} {'backend cpu':>11} {'peak RSS':>10}"
+              f"{'proxy cpu':>9} {'backend cpu':>11} {'other cpu':>9} {'peak RSS':>10}"
         print(hdr)
         print("-" * len(hdr))
         for name, _, proc in targets:
@@ -545,7 +571,8 @@ def main():
                 bcpu = f"{r['cpu'].get('backend', 0):.0f}%"
                 mem = f"{rss[proc.name] / 1024:.1f} MiB" if proc and rss.get(proc.name) else "-"
                 print(f"{label[name]:<26} {method:<6} {r['rps']:9.0f} {fmt_ms(r['p50_us']):>8} "
-                      f"{fmt_ms(r['p90_us']):>8} {fmt_ms(r['p99_us']):>8} {pcpu:>9} {bcpu:>11} {mem:>10}")
+                      f"{fmt_ms(r['p90_us']):>8} {fmt_ms(r['p99_us']):>8} {pcpu:>9} {bcpu:>11} "
+                      f"{r['other_cpu']:8.0f}% {mem:>10}")
         if rss.get("backend"):
             print(f"(backend peak RSS {rss['backend'] / 1024:.1f} MiB; peak RSS = VmHWM at the end of the run)")
 
@@ -564,6 +591,11 @@ def main():
             print(f"Backend headroom: direct {slowest_direct:.0f} req/s >= 2x the fastest proxy "
                   f"({fastest_proxy:.0f} req/s): the backend is not the bottleneck.")
 
+        noisy = max(r["other_cpu"] for r in results.values())
+        if noisy > OTHER_CPU_WARN:
+            print(f"WARNING: up to {noisy:.0f}% of a core was busy outside the benchmark's processes during a "
+                  f"measurement (other load on the machine, or interrupt time): numbers may be low and noisy; "
+                  f"re-run on a quiet machine.")
         print()
         verdicts = []
         for method in ("GET", "POST"):

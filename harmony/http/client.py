@@ -19,9 +19,9 @@ is safe (idempotent method, or a body held in memory).
 """
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
@@ -483,6 +483,20 @@ class HTTP11Connection(Protocol):
             self._body_done.cancel()
 
 
+class _ConnectionFactory(Factory):
+    """
+    Connects one L{HTTP11Connection} (quietly: no log line per connection).
+    """
+
+    noisy = False
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def buildProtocol(self, addr):
+        return self._connection
+
+
 @implementer(IAgent)
 class PooledAgent:
     """
@@ -538,7 +552,7 @@ class PooledAgent:
 
     def _connect_and_send(self, key, method, target, host_header, headers, producer):
         conn = HTTP11Connection(self, key)
-        d = connectProtocol(self._endpoint(key), conn)
+        d = self._endpoint(key).connect(_ConnectionFactory(conn))
         return d.addCallback(lambda conn: conn.send(method, target, host_header, headers, producer))
 
     def _endpoint(self, key):
