@@ -383,7 +383,11 @@ class StreamBodyProducer:
             self._pipe.resumeProducing()
 
     def stopProducing(self):
-        self._stream.cancel()
+        # Ends the startProducing Deferred (with StreamCancelled) as well.
+        if self._pipe is not None:
+            self._pipe.stopProducing()
+        else:
+            self._stream.cancel()
 
 
 class _NoRegisterConsumer:

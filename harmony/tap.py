@@ -6,9 +6,12 @@ This is the only module that imports the global reactor; everything below
 gets the reactor, the HTTP agent and the configuration injected.
 """
 
+import sys
+
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 from zope.interface import implementer
@@ -43,7 +46,9 @@ class Options(usage.Options):
             # twistd daemonises.
             build_gateway(self.harmony_config, self.registry, BuildContext(config=self.harmony_config))
         except ConfigError as e:
-            raise usage.UsageError(f"configuration error: {e}")
+            # One clear line, not twistd's usage text: the command line was fine.
+            print(f"harmony: configuration error: {e}", file=sys.stderr)
+            raise SystemExit(1)
 
 
 def listen_description(address, port):
@@ -87,6 +92,16 @@ class GatewayService(service.MultiService):
         super().__init__()
         self.gateway = gateway
         self.pool = pool
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            print(
+                f"harmony: cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {e.socketError}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
 
     def startService(self):
         config = self.gateway.config

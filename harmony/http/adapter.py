@@ -59,6 +59,21 @@ def public_base_url(headers, scheme, local_host, client_host, public_url="", tru
     return f"{scheme}://{host}"
 
 
+class _RequestHeaders:
+    """
+    C{get(name)} straight from a twisted.web request (no header copies).
+    """
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request):
+        self._request = request
+
+    def get(self, name, default=None):
+        value = self._request.getHeader(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+
 @implementer(IProtocolAdapter)
 class HttpAdapter:
     """
@@ -105,11 +120,9 @@ class HttpAdapter:
             cookies={k.decode("latin-1"): v.decode("latin-1") for k, v in cookies.items()} if cookies else {},
             client=(client_host, getattr(client, "port", None)),
             scheme=scheme,
-            base_url=self._public_url.rstrip("/")
-            if self._public_url
-            else public_base_url(headers, scheme, local, client_host, "", self._trusted)
-            if client_host in self._trusted
-            else f"{scheme}://{host_header.decode('latin-1') if host_header else local}",
+            base_url=public_base_url(
+                _RequestHeaders(request), scheme, local, client_host, self._public_url, self._trusted
+            ),
             prefix=route.prefix,
         )
         body = self._body(request)

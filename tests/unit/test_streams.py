@@ -488,6 +488,18 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertTrue(s.cancelled)
         self.failureResultOf(d, StreamCancelled)
 
+    def test_stream_body_producer_stop_while_paused_ends_the_deferred(self):
+        # No read is pending while paused: stopping must still end startProducing.
+        s = Stream()
+        producer = StreamBodyProducer(s)
+        d = producer.startProducing(PausingConsumer())
+        s.write(b"x")
+        producer.pauseProducing()
+        s.write(b"y")
+        producer.stopProducing()
+        self.assertTrue(s.cancelled)
+        self.failureResultOf(d, StreamCancelled)
+
     def test_bytes_body_producer(self):
         producer = BytesBodyProducer(b"payload")
         self.assertEqual(producer.length, 7)
