@@ -249,9 +249,13 @@ def test_bad_option_type_names_file_and_key(tmp_path):
             "broken": HTTP_PIPELINE.format(name="x", backend="x_be", prefix="/x", timeout='"abc"'),
         },
     )
-    out = _failed(run_twistd(tmp_path, config))
+    result = run_twistd(tmp_path, config)
+    out = _failed(result)
     assert "broken.toml" in out, out
     assert "backends.x_be.options.timeout_secs" in out, out
+    # One line on stderr, not twistd's usage text.
+    assert result.stderr.strip().startswith("harmony: configuration error: "), result.stderr
+    assert "--help" not in out and "Usage:" not in out, out
 
 
 def test_missing_backend_reference_names_file_and_key(tmp_path):
@@ -312,7 +316,8 @@ def test_port_in_use_fails_startup(tmp_path):
         config = write_config(tmp_path, base_config(port), {"e": ECHO_PIPELINE.format(name="e", prefix="/echo")})
         result = run_twistd(tmp_path, config)
     out = _failed(result)
-    assert str(port) in out, out
+    assert f"harmony: cannot listen on 127.0.0.1:{port}" in out, out
+    assert "Traceback" not in out, out
 
 
 # -- harmony check-config -----------------------------------------------------
