@@ -273,33 +273,12 @@ class DicomResult:
 _UNPARSED = object()
 
 
-@attr.s(slots=True)
-class RequestEnvelope:
+class _Normalized:
     """
-    A request on its way through a pipeline.
-
-    @ivar details: a L{RequestDetails}.
-    @ivar body: C{bytes}, a L{Stream}, or C{None}.
-    @ivar metadata: str -> str, shared by middleware (C{pipeline},
-        C{endpoint}, C{protocol}, C{request_id} are set by Harmony).
-    @ivar target: target details set by middleware for the backend:
-        C{base_url}, C{path}, C{method}, C{query_string} (each optional).
-    @ivar dicom: a L{DicomRequest} or C{None}.
-    @ivar rewind_body: C{None}, or a callable returning a fresh copy of a
-        streamed body (lets ordered failover resend it).
+    The parsed view of an envelope's body (shared by requests and responses).
     """
 
-    details = attr.ib()
-    body = attr.ib(default=None)
-    metadata = attr.ib(factory=dict)
-    target = attr.ib(factory=dict)
-    dicom = attr.ib(default=None)
-    rewind_body = attr.ib(default=None)
-    _normalized = attr.ib(default=_UNPARSED)
-
-    @property
-    def content_type(self):
-        return self.details.headers.get("content-type", "")
+    __slots__ = ()
 
     @property
     def normalized(self):
@@ -330,6 +309,35 @@ class RequestEnvelope:
         @return: Deferred firing with the normalized view.
         """
         return _parse(self, max_body_size)
+
+
+@attr.s(slots=True)
+class RequestEnvelope(_Normalized):
+    """
+    A request on its way through a pipeline.
+
+    @ivar details: a L{RequestDetails}.
+    @ivar body: C{bytes}, a L{Stream}, or C{None}.
+    @ivar metadata: str -> str, shared by middleware (C{pipeline},
+        C{endpoint}, C{protocol}, C{request_id} are set by Harmony).
+    @ivar target: target details set by middleware for the backend:
+        C{base_url}, C{path}, C{method}, C{query_string} (each optional).
+    @ivar dicom: a L{DicomRequest} or C{None}.
+    @ivar rewind_body: C{None}, or a callable returning a fresh copy of a
+        streamed body (lets ordered failover resend it).
+    """
+
+    details = attr.ib()
+    body = attr.ib(default=None)
+    metadata = attr.ib(factory=dict)
+    target = attr.ib(factory=dict)
+    dicom = attr.ib(default=None)
+    rewind_body = attr.ib(default=None)
+    _normalized = attr.ib(default=_UNPARSED)
+
+    @property
+    def content_type(self):
+        return self.details.headers.get("content-type", "")
 
 
 async def _parse_async(envelope, max_body_size):
@@ -365,7 +373,7 @@ def _parse(envelope, max_body_size):
 
 
 @attr.s(slots=True)
-class ResponseEnvelope:
+class ResponseEnvelope(_Normalized):
     """
     A response on its way back.
 
@@ -387,24 +395,6 @@ class ResponseEnvelope:
     @property
     def content_type(self):
         return self.headers.get("content-type", "")
-
-    @property
-    def normalized(self):
-        return None if self._normalized is _UNPARSED else self._normalized
-
-    @normalized.setter
-    def normalized(self, value):
-        self._normalized = value
-
-    @property
-    def parsed(self):
-        return self._normalized is not _UNPARSED
-
-    def parse_body(self, max_body_size=None):
-        """
-        As L{RequestEnvelope.parse_body}, for the response body.
-        """
-        return _parse(self, max_body_size)
 
     @classmethod
     def json(cls, status, value, headers=(), content_type="application/json"):
