@@ -232,6 +232,34 @@ def test_environment_substitution(tmp_path):
         proc.stop_cleanly()
 
 
+def test_log_level_and_log_file_are_applied(tmp_path):
+    port = free_port()
+    base = base_config(port, extra='[logging]\nlog_to_file = true\nlog_file_path = "logs/harmony.log"\n')
+    base = base.replace('log_level = "info"', 'log_level = "warn"')
+    config = write_config(
+        tmp_path,
+        base,
+        {
+            "echo": ECHO_PIPELINE.format(name="e", prefix="/echo"),
+            # An unused backend: a configuration warning at startup.
+            "spare": '[backends.spare]\nservice = "echo"\n',
+        },
+    )
+    proc = start_harmony(tmp_path, config, port)
+    try:
+        assert request(port, "GET", "/echo/x").status == 200
+        out = proc.output()
+        # warn level: Harmony's info events are filtered, warnings are not.
+        assert "listening on" not in out, out
+        assert "backend is not used by any pipeline" in out, out
+        # The log file sits next to the config file and gets the same events.
+        text = (tmp_path / "logs" / "harmony.log").read_text()
+        assert "backend is not used by any pipeline" in text
+        assert "listening on" not in text
+    finally:
+        proc.stop_cleanly()
+
+
 # -- startup failures ---------------------------------------------------------
 
 
