@@ -186,6 +186,32 @@ class _Consumer:
         self._transport.unregisterProducer()
 
 
+def _request_head(method, target, host, headers):
+    """
+    The request line and headers (without the final empty line) as a list
+    of byte strings.
+
+    @raise ValueError: a header name or value holds CR or LF.
+    """
+    lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    if isinstance(headers, Headers):
+        headers = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    explicit_host = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"host":
+            explicit_host = True
+        elif lname == b"content-length" or lname == b"transfer-encoding":
+            continue
+        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+            raise ValueError("header names and values must not contain CR or LF")
+        lines += [name, b": ", value, b"\r\n"]
+    if explicit_host:
+        # An explicit Host header wins over the URL's.
+        lines[3:6] = [b" HTTP/1.1\r\n"]
+    return lines
+
+
 class HTTP11Connection(Protocol):
     """
     One keep-alive connection: one request at a time.
@@ -218,27 +244,17 @@ class HTTP11Connection(Protocol):
         """
         @return: Deferred[_Response] firing when the response head arrived.
         """
+        try:
+            lines = _request_head(method, target, host, headers)
+        except ValueError:
+            # Nothing was written: the connection stays usable.
+            self._agent._release(self)
+            return defer.fail()
         self._state = "status"
         self._method = method
         self._keep_alive = True
         self._got_bytes = False
         self._finished = defer.Deferred(lambda d: self.abort())
-        lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-        has_host = False
-        if isinstance(headers, Headers):
-            headers = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"host":
-                has_host = True
-            elif lname == b"content-length" or lname == b"transfer-encoding":
-                continue
-            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-                raise ValueError("header names and values must not contain CR or LF")
-            lines += [name, b": ", value, b"\r\n"]
-        if has_host:
-            # An explicit Host header wins over the URL's.
-            lines[3:6] = [b" HTTP/1.1\r\n"]
         data = getattr(producer, "body_bytes", None) if producer is not None else None
         self._body_done = None
         if producer is None:
