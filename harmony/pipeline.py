@@ -7,10 +7,10 @@ that matched.
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from harmony.logs import logger
 
 from harmony.envelope import RequestEnvelope, ResponseEnvelope
 from harmony.errors import HarmonyError, InternalError, UpstreamUnavailable
+from harmony.logs import logger
 from harmony.streams import Stream
 
 log = logger("harmony.pipeline")

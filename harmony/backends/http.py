@@ -12,9 +12,13 @@ next), follows redirects and gunzips bodies, none of which a proxy may do.
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import Protocol
-from harmony.logs import logger
-from twisted.web import _newclient
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.client import (
+    PotentialDataLoss,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers as TwistedHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -25,6 +29,7 @@ from harmony.errors import UpstreamTimeout, UpstreamUnavailable
 from harmony.http.client import PooledAgent
 from harmony.http.headers import end_to_end_raw
 from harmony.interfaces import IBackend
+from harmony.logs import logger
 from harmony.streams import Stream, body_producer
 
 
@@ -55,9 +60,9 @@ _UNAVAILABLE = (
     error.ConnectError,
     error.DNSLookupError,
     error.ConnectionLost,
-    _newclient.ResponseNeverReceived,
-    _newclient.RequestTransmissionFailed,
-    _newclient.ResponseFailed,
+    ResponseNeverReceived,
+    RequestTransmissionFailed,
+    ResponseFailed,
 )
 
 

@@ -6,7 +6,6 @@ twisted.web requests in and out of envelopes.
 from io import BytesIO
 from urllib.parse import parse_qs
 
-from harmony.logs import logger
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -14,6 +13,7 @@ from harmony.envelope import Headers, RequestDetails, RequestEnvelope, body_leng
 from harmony.errors import PayloadTooLarge
 from harmony.http.headers import HOP_BY_HOP
 from harmony.interfaces import IProtocolAdapter
+from harmony.logs import logger
 from harmony.streams import Stream
 
 log = logger("harmony.http")

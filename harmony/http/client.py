@@ -18,7 +18,7 @@ server closed before answering is retried once on a new connection when it
 is safe (idempotent method, or a body held in memory).
 """
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-
 from harmony.cli import main
 from harmony.systemd import render_unit
 

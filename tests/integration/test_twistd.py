@@ -9,6 +9,7 @@ import socket
 import subprocess
 
 import pytest
+
 from harmonytest import (
     HARMONY_CLI,
     TWISTD,

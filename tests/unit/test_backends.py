@@ -7,7 +7,7 @@ import json
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent, IResponse

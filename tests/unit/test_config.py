@@ -14,15 +14,15 @@ import attr
 import pytest
 
 from _configfiles import NETWORK, PROXY, load, load_error, pipeline, write_config
+from harmony.backends.echo import OPTIONS as ECHO_OPTIONS
+from harmony.backends.echo import EchoBackend
 from harmony.config import ConfigError, HarmonyConfig, Options, load_config
 from harmony.config.loader import substitute_env
 from harmony.config.schema import Field, Int, Schema, Where
-from harmony.gateway import build_gateway
-from harmony.registry import BuildContext, MiddlewareType, ServiceType, builtin_registry
-from harmony.backends.echo import EchoBackend
-from harmony.backends.echo import OPTIONS as ECHO_OPTIONS
 from harmony.endpoints.http import HttpEndpoint
+from harmony.gateway import build_gateway
 from harmony.middleware.passthru import Passthru
+from harmony.registry import BuildContext, MiddlewareType, ServiceType, builtin_registry
 
 ETC = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "etc", "harmony.toml")
 

@@ -15,13 +15,13 @@ from zope.interface import alsoProvides, directlyProvides
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
-from harmony.backends.echo import EchoBackend
 from harmony.backends.echo import OPTIONS as ECHO_OPTIONS
+from harmony.backends.echo import EchoBackend
 from harmony.backends.http import HttpBackend
 from harmony.config import ConfigError, Options
 from harmony.config.schema import Schema, Where
-from harmony.endpoints.http import EchoEndpoint, HttpEndpoint
 from harmony.endpoints.http import OPTIONS as HTTP_OPTIONS
+from harmony.endpoints.http import EchoEndpoint, HttpEndpoint
 from harmony.interfaces import (
     IBackend,
     IEndpoint,
