@@ -107,10 +107,12 @@ class HttpAdapter:
             local = ""
         else:
             host = request.getHost()
-            local = f"{getattr(host, 'host', 'localhost')}:{getattr(host, 'port', '')}".rstrip(":")
+            name = getattr(host, "host", "localhost")
+            name = f"[{name}]" if ":" in name else name
+            local = f"{name}:{getattr(host, 'port', '')}".rstrip(":")
         cookies = request.received_cookies
         details = RequestDetails(
-            method=request.method.decode("ascii"),
+            method=request.method.decode("latin-1"),
             uri=uri,
             path=relative_path,
             full_path=path,

@@ -27,7 +27,7 @@ from twisted.web import server
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 
-from harmony.errors import HarmonyError
+from harmony.errors import HarmonyError, InternalError
 from harmony.http.headers import json_error_body
 from harmony.logs import logger
 
@@ -78,6 +78,9 @@ class NetworkResource(Resource):
             envelope = self.adapter.to_envelope(request, route, relative)
         except HarmonyError as e:
             return json_error(request, e)
+        except Exception:
+            log.failure("Unexpected error on network {network}", network=self.network)
+            return json_error(request, InternalError())
         d = self.executors[route.pipeline].execute(route.endpoint, envelope)
         d.addCallback(self._write, request)
         d.addErrback(self._failed, request, route)
