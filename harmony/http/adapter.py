@@ -14,7 +14,7 @@ from harmony.errors import PayloadTooLarge
 from harmony.http.headers import HOP_BY_HOP
 from harmony.interfaces import IProtocolAdapter
 from harmony.logs import logger
-from harmony.streams import Stream
+from harmony.streams import Stream, StreamCancelled
 
 log = logger("harmony.http")
 
@@ -170,13 +170,19 @@ class HttpAdapter:
         request.setResponseCode(response.status)
         out = request.responseHeaders
         raw = response.headers.raw()
+        typed = False
         for name, value in raw:
             lname = name.lower()
             if lname in _SKIP:
                 continue
+            if lname == b"content-type":
+                typed = True
             if lname in _DEFAULTED and out.hasHeader(lname):
                 out.removeHeader(lname)
             out.addRawHeader(name, value)
+        if not typed:
+            # No text/html default from twisted.web: pass the body on as is.
+            request.defaultContentType = None
         body = response.body
         if request.method == b"HEAD":
             # A HEAD answer describes the GET entity: keep its length.
@@ -208,7 +214,8 @@ class HttpAdapter:
                 request.finish()
 
         def failed(reason):
-            if request.channel is None:
+            if request.channel is None or reason.check(StreamCancelled):
+                # The client went away: nothing to report.
                 return None
             log.error(
                 "Response body failed after the status was sent; aborting the connection: {error}",

@@ -18,6 +18,8 @@ server closed before answering is retried once on a new connection when it
 is safe (idempotent method, or a body held in memory).
 """
 
+import re
+
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
@@ -41,8 +43,11 @@ log = logger("harmony.http.client")
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 _NO_BODY = frozenset({204, 304})
+_HEX = b"0123456789abcdefABCDEF"
 #: Longest response head accepted (status line + headers).
 MAX_HEAD = 64 * 1024
+#: Bytes that would split or end the request line (CVE-2019-12387 in Agent).
+_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 
 
 #: The end of every complete body (a Failure is costly to build; body
@@ -86,22 +91,31 @@ def split_url(uri):
 class _BodyTransport:
     """
     The transport a body protocol sees: pausing it pauses the connection.
+    Once its response is complete it no longer touches the connection
+    (which may be serving another request by then).
     """
 
-    def __init__(self, connection):
+    def __init__(self, connection, response):
         self._connection = connection
+        self._response = response
+
+    def _live(self):
+        return self._connection._response is self._response
 
     def pauseProducing(self):
-        self._connection.transport.pauseProducing()
+        if self._live():
+            self._connection.transport.pauseProducing()
 
     def resumeProducing(self):
-        self._connection.transport.resumeProducing()
+        if self._live():
+            self._connection.transport.resumeProducing()
 
     def stopProducing(self):
-        self._connection.abort()
+        if self._live():
+            self._connection.abort()
 
     def loseConnection(self):
-        self._connection.abort()
+        self.stopProducing()
 
 
 @implementer(IResponse)
@@ -141,7 +155,7 @@ class _Response:
         if self._protocol is not None:
             raise RuntimeError("deliverBody called twice")
         self._protocol = protocol
-        protocol.makeConnection(_BodyTransport(self._connection))
+        protocol.makeConnection(_BodyTransport(self._connection, self))
         buffered, self._buffer = self._buffer, None
         for chunk in buffered:
             protocol.dataReceived(chunk)
@@ -312,9 +326,10 @@ class HTTP11Connection(Protocol):
     def _parse(self):
         while self._state == "status":
             end = self._buf.find(b"\r\n\r\n")
+            if end > MAX_HEAD or (end < 0 and len(self._buf) > MAX_HEAD):
+                self._fail_head(ResponseHeadTooLarge())
+                return
             if end < 0:
-                if len(self._buf) > MAX_HEAD:
-                    self._fail_head(ResponseHeadTooLarge())
                 return
             head, self._buf = self._buf[:end], self._buf[end + 4 :]
             try:
@@ -332,13 +347,15 @@ class HTTP11Connection(Protocol):
         version = status[0]
         if not version.startswith(b"HTTP/1."):
             raise ValueError("not an HTTP/1.x status line")
+        if len(status[1]) != 3 or not status[1].isdigit():
+            raise ValueError("bad status code")
         code = int(status[1])
         phrase = status[2] if len(status) > 2 else b""
         if 100 <= code < 200:
             return  # interim response: wait for the final one
         raw = []
         length = None
-        chunked = False
+        encoding = None
         connection = b""
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
@@ -347,13 +364,13 @@ class HTTP11Connection(Protocol):
             value = value.strip()
             lname = name.lower()
             if lname == b"content-length":
-                if length is not None and int(value) != length:
-                    raise ValueError("conflicting Content-Length headers")
+                # Digits only: lenient parsing (signs, "_", spaces) lets a
+                # response be framed differently than the server meant.
+                if not value.isdigit() or (length is not None and int(value) != length):
+                    raise ValueError("invalid or conflicting Content-Length")
                 length = int(value)
-                if length < 0:
-                    raise ValueError("negative Content-Length")
             elif lname == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
+                encoding = value.lower() if encoding is None else encoding + b"," + value.lower()
             elif lname == b"connection":
                 connection = value.lower()
             raw.append((name, value))
@@ -363,8 +380,14 @@ class HTTP11Connection(Protocol):
         no_body = self._method == b"HEAD" or code in _NO_BODY
         if no_body:
             mode, remaining, ilength = "none", 0, 0
-        elif chunked:
-            mode, remaining, ilength = "chunked", 0, UNKNOWN_LENGTH
+        elif encoding is not None:
+            # RFC 9112 6.3: Transfer-Encoding overrides Content-Length; a
+            # final coding other than chunked is read until close.
+            if encoding.rsplit(b",", 1)[-1].strip() == b"chunked":
+                mode, remaining, ilength = "chunked", 0, UNKNOWN_LENGTH
+            else:
+                mode, remaining, ilength = "close", 0, UNKNOWN_LENGTH
+                self._keep_alive = False
         elif length is not None:
             mode, remaining, ilength = "length", length, length
         else:
@@ -380,6 +403,10 @@ class HTTP11Connection(Protocol):
         if d is not None:
             d.callback(response)
         if mode == "none" or (mode == "length" and remaining == 0):
+            if self._buf:
+                # Bytes past a response without body: do not reuse.
+                self._keep_alive = False
+                self._buf = b""
             self._body_complete()
 
     def _fail_head(self, exc):
@@ -422,10 +449,10 @@ class HTTP11Connection(Protocol):
                         return self._body_error(MalformedResponse("chunk size line too long"))
                     self._buf = buf
                     return
-                try:
-                    size = int(buf[:end].split(b";", 1)[0].strip(), 16)
-                except ValueError:
+                digits = buf[:end].split(b";", 1)[0].rstrip(b" \t")
+                if not digits or digits.strip(_HEX) or len(digits) > 16:
                     return self._body_error(MalformedResponse("bad chunk size"))
+                size = int(digits, 16)
                 buf = buf[end + 2 :]
                 if size == 0:
                     self._chunk_state = "trailer"
@@ -470,6 +497,10 @@ class HTTP11Connection(Protocol):
     def _body_complete(self):
         response, self._response = self._response, None
         self._state = "idle"
+        if self._keep_alive:
+            # A body protocol may have paused the connection on its last
+            # chunk; it no longer controls it (see _BodyTransport).
+            self.transport.resumeProducing()
         if self._keep_alive and self._body_done is None:
             self._agent._release(self)
         elif not self._keep_alive:
@@ -480,6 +511,8 @@ class HTTP11Connection(Protocol):
 
     def abort(self):
         self._keep_alive = False
+        # Out of the pool now: connectionLost comes a reactor turn later.
+        self._agent._forget(self)
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()
 
@@ -540,6 +573,8 @@ class PooledAgent:
         C{IAgent.request}.  C{headers} may also be a list of C{(name, value)}
         byte pairs (cheaper than a L{Headers}).
         """
+        if _UNSAFE.search(uri) or _UNSAFE.search(method):
+            return defer.fail(ValueError("spaces or control characters in the method or URL"))
         try:
             scheme, host, port, target = split_url(uri)
         except ValueError as e:
