@@ -147,3 +147,15 @@ def proxy_gateway(tmp_path_factory, upstream):
     proc = start_harmony(directory, config, port)
     yield SimpleNamespace(port=port, process=proc, directory=directory, upstream=upstream)
     proc.stop_cleanly()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """
+    One Orthanc (DIMSE + DICOMweb) for the whole test session, on loopback.
+    """
+    from peers import Orthanc
+
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()
