@@ -1,0 +1,248 @@
+# -*- test-case-name: tests.unit.test_dimse_scp -*-
+"""
+The DICOM server (SCP): association policy and the DIMSE services Harmony
+answers itself (C-ECHO) or hands to a service object (C-STORE, ...).
+
+Association policy (PS3.8 9.3.4 reasons):
+
+  - called AE title must be ours (when required): rejected permanently,
+    source service-user, reason 7 "called AE title not recognized";
+  - calling AE title must be allowed (when a list is configured): reason 3
+    "calling AE title not recognized";
+  - application context must be DICOM's: reason 2;
+  - at most C{max_associations} at once: rejected transiently, source
+    service-provider (presentation), reason 2 "local limit exceeded".
+"""
+
+import attr
+from twisted.internet.protocol import Factory
+
+from harmony.dimse import messages, pdu
+from harmony.dimse.association import Association, AssociationSettings
+from harmony.dimse.negotiation import AcceptorPolicy, negotiate_as_acceptor
+from harmony.dimse.scu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from harmony.logs import logger
+
+log = logger("harmony.dimse.scp")
+
+#: A-ASSOCIATE-RJ values (PS3.8 Table 9-21).
+RJ_PERMANENT, RJ_TRANSIENT = 1, 2
+RJ_SOURCE_USER, RJ_SOURCE_ACSE, RJ_SOURCE_PRESENTATION = 1, 2, 3
+RJ_NO_REASON = 1
+RJ_APPLICATION_CONTEXT = 2
+RJ_CALLING_AE = 3
+RJ_CALLED_AE = 7
+RJ_LOCAL_LIMIT = 2
+
+#: DIMSE statuses used here (PS3.7 C).
+SUCCESS = 0x0000
+UNRECOGNIZED_OPERATION = 0x0211
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+@attr.s(frozen=True)
+class SCPPolicy:
+    """
+    Who may associate and what is negotiated.
+
+    @ivar ae_title: our AE title.
+    @ivar require_called_aet: reject a called AE title other than ours.
+    @ivar allowed_calling_aets: calling AE titles allowed (empty: any).
+    @ivar max_associations: concurrent associations accepted.
+    @ivar syntaxes: abstract syntax -> accepted transfer syntaxes.
+    """
+
+    ae_title = attr.ib()
+    syntaxes = attr.ib()
+    require_called_aet = attr.ib(default=True)
+    allowed_calling_aets = attr.ib(factory=frozenset, converter=frozenset)
+    max_associations = attr.ib(default=32)
+    requestor_scp_allowed = attr.ib(factory=frozenset, converter=frozenset)
+
+
+class DicomServerFactory(Factory):
+    """
+    Builds one L{Association} (acceptor) per connection.
+
+    @param reactor: the clock for timers.
+    @param policy: an L{SCPPolicy}.
+    @param settings: L{AssociationSettings}.
+    @param services: command field -> service object with
+        C{command(session, Command)} and C{fragment(session, DataFragment)}
+        (see L{StoreService}); C-ECHO is answered here when
+        C{enable_echo}.
+    """
+
+    noisy = False
+
+    def __init__(self, reactor, policy, settings=None, services=None, enable_echo=True):
+        self.reactor = reactor
+        self.policy = policy
+        self.settings = settings or AssociationSettings()
+        self.services = dict(services or {})
+        self.enable_echo = enable_echo
+        self.active = set()
+        self._acceptor = AcceptorPolicy(policy.syntaxes, policy.requestor_scp_allowed)
+
+    def buildProtocol(self, addr):
+        association = Association(False, _SCPUser(self), self.reactor, self.settings)
+        association.factory = self
+        return association
+
+    def answer(self, association, rq):
+        """
+        The A-ASSOCIATE-AC or -RJ for a request.
+
+        @return: C{(answer, accepted contexts)}
+        """
+        policy = self.policy
+        reject = None
+        if rq.application_context != pdu.DICOM_APPLICATION_CONTEXT:
+            reject = pdu.AssociateRJ(RJ_PERMANENT, RJ_SOURCE_USER, RJ_APPLICATION_CONTEXT)
+        elif policy.require_called_aet and rq.called_aet != policy.ae_title:
+            reject = pdu.AssociateRJ(RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLED_AE)
+        elif policy.allowed_calling_aets and rq.calling_aet not in policy.allowed_calling_aets:
+            reject = pdu.AssociateRJ(RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLING_AE)
+        elif len(self.active) >= policy.max_associations:
+            reject = pdu.AssociateRJ(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, RJ_LOCAL_LIMIT)
+        if reject is not None:
+            log.info(
+                "Association from {calling} to {called} ({peer}) rejected: source {source}, reason {reason}",
+                calling=rq.calling_aet,
+                called=rq.called_aet,
+                peer=_peer(association),
+                source=reject.source,
+                reason=reject.reason,
+            )
+            return reject, None
+        contexts, accepted, roles = negotiate_as_acceptor(rq.contexts, self._acceptor, rq.roles)
+        ac = pdu.AssociateAC(
+            called_aet=rq.called_aet,
+            calling_aet=rq.calling_aet,
+            contexts=contexts,
+            max_pdu_length=self.settings.max_pdu_length,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+            roles=roles,
+        )
+        self.active.add(association)
+        log.info(
+            "Association from {calling} ({peer}) to {called} accepted: {accepted} of {proposed} contexts",
+            calling=rq.calling_aet,
+            called=rq.called_aet,
+            peer=_peer(association),
+            accepted=len(accepted),
+            proposed=len(rq.contexts),
+        )
+        return ac, accepted
+
+    def ended(self, association):
+        self.active.discard(association)
+
+
+def _peer(association):
+    peer = association.peer
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+
+class _SCPUser:
+    """
+    The association user of an acceptor: dispatches DIMSE messages.
+    """
+
+    def __init__(self, factory):
+        self.factory = factory
+        self._current = None
+        self._started = None
+
+    def associate_requested(self, association, rq):
+        self._started = association.clock.seconds()
+        association.ended.addBoth(self._ended, association)
+        return self.factory.answer(association, rq)
+
+    def _ended(self, result, association):
+        self.factory.ended(association)
+        if association.established and self._started is not None:
+            log.info(
+                "Association from {calling} ({peer}) ended after {secs:.3f}s",
+                calling=association.rq.calling_aet,
+                peer=_peer(association),
+                secs=association.clock.seconds() - self._started,
+            )
+        current, self._current = self._current, None
+        if current is not None:
+            current.aborted(association)
+        return result
+
+    def established(self, association):
+        pass
+
+    def command(self, association, command):
+        field = command.command_field
+        context = association.contexts[command.context_id]
+        fields = command.fields
+        if field == messages.C_ECHO_RQ and self.factory.enable_echo:
+            rsp = messages.echo_rsp(fields.get("MessageID", 0), SUCCESS)
+            association.send_message(command.context_id, rsp)
+            return
+        service = self.factory.services.get(field)
+        if service is None:
+            rsp = messages.encode_command(
+                {
+                    "AffectedSOPClassUID": context.abstract_syntax,
+                    "CommandField": field | 0x8000,
+                    "MessageIDBeingRespondedTo": fields.get("MessageID", 0),
+                    "CommandDataSetType": messages.NO_DATASET,
+                    "Status": UNRECOGNIZED_OPERATION,
+                }
+            )
+            if command.has_dataset:
+                self._current = _Discard()
+            association.send_message(command.context_id, rsp)
+            return
+        self._current = service.start(association, context, command)
+
+    def fragment(self, association, fragment):
+        current = self._current
+        if current is None:
+            association.abort(2, 0)
+            return
+        current.fragment(fragment.data)
+        if fragment.last:
+            self._current = None
+            current.finish()
+
+    def release_requested(self, association):
+        pass
+
+    def released(self, association):
+        pass
+
+    def aborted(self, association, source, reason):
+        log.info(
+            "Association from {peer} aborted (source {source}, reason {reason})",
+            peer=_peer(association),
+            source=source,
+            reason=reason,
+        )
+
+    def accepted(self, association, ac):
+        raise RuntimeError("an acceptor does not receive A-ASSOCIATE-AC")
+
+    def rejected(self, association, rj):
+        raise RuntimeError("an acceptor does not receive A-ASSOCIATE-RJ")
+
+
+class _Discard:
+    """
+    Swallows the data set of a message that was already answered.
+    """
+
+    def fragment(self, data):
+        pass
+
+    def finish(self):
+        pass
+
+    def aborted(self, association):
+        pass
