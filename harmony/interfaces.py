@@ -27,6 +27,25 @@ class IEndpoint(Interface):
             endpoints that are not HTTP-based).
         """
 
+    def listen_addresses():
+        """
+        The addresses this endpoint listens on itself (DICOM SCP endpoints),
+        for startup checks and summaries; no side effects.
+
+        @return: a list of C{(bind_address, port)} (empty for endpoints
+            served on HTTP networks).
+        """
+
+    def services(executor, reactor):
+        """
+        The services that run this endpoint's own listeners (called once at
+        startup, never when only checking a configuration).
+
+        @param executor: the L{harmony.pipeline.PipelineExecutor} of the
+            endpoint's pipeline.
+        @return: a list of C{IService} providers (empty for HTTP endpoints).
+        """
+
     def incoming(envelope):
         """
         Endpoint hook on the way in, before any middleware.

@@ -44,6 +44,12 @@ class HttpEndpoint:
     def http_routes(self):
         return [Route(self.options.path_prefix, self, None, ALL_METHODS)]
 
+    def listen_addresses(self):
+        return []
+
+    def services(self, executor, reactor):
+        return []
+
     def incoming(self, envelope):
         return None
 

@@ -98,6 +98,12 @@ class FakeEndpoint:
         self.incoming_result = incoming_result
         self.errors = []
 
+    def listen_addresses(self):
+        return []
+
+    def services(self, executor, reactor):
+        return []
+
     def http_routes(self):
         return []
 

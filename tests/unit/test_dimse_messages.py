@@ -417,7 +417,7 @@ def _suboperations(rng):
 def make_case(message_type, rng):
     """(params, dataset) for one realistic message of the given type."""
     message_id = rng.choice([0, 1, 2, 255, 256, 4097, 65534, 65535, rng.randint(0, 65535)])
-    dataset = b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY " if rng.random() < 0.5 else b"\x10\x00\x20\x00\x02\x00\x00\x00*\x00"
+    dataset = rng.choice([b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", b"\x10\x00\x20\x00\x02\x00\x00\x00*\x00"])
     if message_type == "C_ECHO_RQ":
         return {"MessageID": message_id, "AffectedSOPClassUID": VERIFICATION}, None
     if message_type == "C_ECHO_RSP":
