@@ -246,6 +246,8 @@ class DicomInstance:
     transfer_syntax = attr.ib()
     data = attr.ib()
     size = attr.ib(default=None)
+    #: Where the Part 10 file is stored, when it is (filesystem path).
+    path = attr.ib(default=None)
 
 
 @attr.s(slots=True)

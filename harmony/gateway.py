@@ -35,6 +35,17 @@ class Gateway:
     route_tables = attr.ib()
     apps = attr.ib()
 
+    def endpoint_services(self, reactor):
+        """
+        The services of endpoints that listen themselves (DICOM SCPs), each
+        bound to its pipeline's executor.  Called once, at startup.
+        """
+        services = []
+        for pname, pipeline in self.config.pipelines.items():
+            for ename in pipeline.endpoints:
+                services += self.endpoints[ename].services(self.executors[pname], reactor)
+        return services
+
     def close(self):
         """
         Close every backend.
@@ -83,9 +94,36 @@ def build_gateway(config, registry, context):
                         table.add(route)
                     except ConfigError as e:
                         raise ConfigError(e.message, pipeline.file, ("pipelines", pname, "endpoints", i))
+    _check_addresses(config, endpoints, tables)
     adapter = HttpAdapter(config.proxy)
     apps = {net: NetworkResource(net, table, executors, adapter) for net, table in tables.items()}
     return Gateway(config, endpoints, backends, executors, tables, apps)
+
+
+def _check_addresses(config, endpoints, tables):
+    """
+    Two listeners on the same address and port are a startup error (port 0
+    picks a free port and never conflicts).
+    """
+    seen = {}
+    for name, net in config.networks.items():
+        if net.http is not None and name in tables and net.http.bind_port:
+            seen[(net.http.bind_address, net.http.bind_port)] = f"network {name!r}"
+    for pname, pipeline in config.pipelines.items():
+        for ename in pipeline.endpoints:
+            for address, port in endpoints[ename].listen_addresses():
+                if not port:
+                    continue
+                wildcard = [(a, port) for a in (address, "0.0.0.0", "::") if (a, port) in seen]
+                if address in ("0.0.0.0", "::"):
+                    wildcard += [k for k in seen if k[1] == port]
+                if wildcard:
+                    raise ConfigError(
+                        f"endpoint {ename!r} listens on {address}:{port}, already used by {seen[wildcard[0]]}",
+                        config.endpoints[ename].file,
+                        ("endpoints", ename, "options", "port"),
+                    )
+                seen[(address, port)] = f"endpoint {ename!r}"
 
 
 def describe(gateway):
@@ -112,6 +150,14 @@ def describe(gateway):
         lines.append(
             "    backends:   " + ", ".join(f"{b} ({config.backends[b].service})" for b in p.backends)
         )
+    dimse = [
+        (ename, address, port)
+        for ename, endpoint in sorted(gateway.endpoints.items())
+        for address, port in endpoint.listen_addresses()
+    ]
+    if dimse:
+        lines += ["", "DICOM listeners:"]
+        lines += [f"  endpoint {e}: {a}:{p}" for e, a, p in dimse]
     lines += ["", "Routes:"]
     for net, table in sorted(gateway.route_tables.items()):
         for route in table.routes:

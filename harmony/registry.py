@@ -199,6 +199,7 @@ def builtin_registry():
     """
     from harmony.backends import echo as echo_backend
     from harmony.backends import http as http_backend
+    from harmony.endpoints import dicom_scp
     from harmony.endpoints import http as http_endpoint
     from harmony.middleware import passthru
 
@@ -219,6 +220,14 @@ def builtin_registry():
             endpoint_options=http_endpoint.OPTIONS,
             backend_factory=echo_backend.EchoBackend,
             backend_options=echo_backend.OPTIONS,
+        )
+    )
+    registry.add_service(
+        ServiceType(
+            name="dicom_scp",
+            endpoint_factory=dicom_scp.DicomScpEndpoint,
+            endpoint_options=dicom_scp.OPTIONS,
+            endpoint_protocol="dimse",
         )
     )
     registry.add_middleware(MiddlewareType("passthru", passthru.Passthru))

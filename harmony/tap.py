@@ -162,6 +162,8 @@ def makeService(options):
         listener._raiseSynchronously = True
         listener.setName(f"network:{network}")
         listener.setServiceParent(root)
+    for endpoint_service in gateway.endpoint_services(reactor):
+        endpoint_service.setServiceParent(root)
     for network in sorted(set(config.networks) - set(gateway.apps)):
         log.warn("Network {network} has no HTTP routes: not listening", network=network)
     return root

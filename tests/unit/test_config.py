@@ -873,7 +873,7 @@ def test_targets_in_pipelines_file_name_that_file(tmp_path):
 def test_unknown_endpoint_service_type(tmp_path):
     error = load_error(tmp_path, BASIC.replace('service = "http"', 'service = "htp"'))
     assert_error(error, "harmony.toml", "endpoints.api_in.service",
-                 "unknown service type 'htp' (known: echo, http)")
+                 "unknown service type 'htp' (known: dicom_scp, echo, http)")
 
 
 def test_unknown_backend_service_type(tmp_path):
@@ -884,13 +884,14 @@ def test_unknown_backend_service_type(tmp_path):
 
 def test_dicom_alias_not_built_yet(tmp_path):
     """
-    "dicom" names dicom_scp (endpoint) / dicom_scu (backend); neither is
-    built in this version, so both are unknown (the error names the type
-    as written).
+    "dicom" names dicom_scp (endpoint) / dicom_scu (backend): as an endpoint
+    it resolves to dicom_scp, whose options are then validated; dicom_scu
+    is not built in this version, so it is unknown (the error names the
+    type as written).
     """
     error = load_error(tmp_path, BASIC.replace('service = "http"', 'service = "dicom"'))
-    assert_error(error, "harmony.toml", "endpoints.api_in.service",
-                 "unknown service type 'dicom' (known: echo, http)")
+    assert error.key == "endpoints.api_in.options.path_prefix"
+    assert error.message.startswith("unknown key \"path_prefix\"")
     error = load_error(tmp_path, BASIC.replace('service = "echo"', 'service = "dicom_scu"'))
     assert_error(error, "harmony.toml", "backends.api_out.service",
                  "unknown service type 'dicom_scu' (known: echo, http)")

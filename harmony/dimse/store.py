@@ -1,0 +1,257 @@
+# -*- test-case-name: tests.unit.test_dimse_store -*-
+"""
+The C-STORE SCP service: received data sets are written straight into a
+DICOM Part 10 file as their fragments arrive (file meta built from a
+template, the data set never parsed), the file is committed atomically,
+and then the instance goes through the endpoint's pipeline.  The
+C-STORE-RSP is Success only when the file is written and the pipeline
+succeeded; otherwise a PS3.4 failure status with an Error Comment.
+"""
+
+from harmony.dimse import messages
+from harmony.dimse import status as dimse_status
+from harmony.dimse.scu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from harmony.envelope import DicomInstance, DicomRequest, Headers, RequestDetails, RequestEnvelope
+from harmony.errors import HarmonyError
+from harmony.logs import logger
+from harmony.storage.dicom import NeedMoreData, file_meta, layout_path, uids_from_dataset_prefix
+from harmony.streams import Stream
+
+log = logger("harmony.dimse.store")
+
+#: Bytes of the beginning of a data set copied, at most, while looking for
+#: the Study and Series Instance UIDs that name the file (the fragments
+#: themselves go to the file as they arrive).
+MAX_PREFIX = 4 * 1024 * 1024
+
+
+class StoreService:
+    """
+    Answers C-STORE-RQ.
+
+    @param storage: an L{harmony.storage.interfaces.IStorage}.
+    @param layout: the relpath template (C{"{study}/{series}/{sop}.dcm"}).
+    @param fsync: make each file durable before answering.
+    @param pipeline: C{(executor, endpoint)} the instance is sent through,
+        or C{None} to store only.
+    """
+
+    def __init__(self, storage, layout, fsync=False, pipeline=None):
+        self.storage = storage
+        self.layout = layout
+        self.fsync = fsync
+        self.pipeline = pipeline
+
+    def start(self, association, context, command):
+        operation = _StoreOperation(self, association, context, command)
+        if not command.has_dataset:
+            operation.fail(dimse_status.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set")
+            operation.finish()
+            return None
+        return operation
+
+
+class _StoreOperation:
+    def __init__(self, service, association, context, command):
+        self.service = service
+        self.association = association
+        self.context = context
+        fields = command.fields
+        self.message_id = fields.get("MessageID", 0)
+        self.sop_class_uid = fields.get("AffectedSOPClassUID") or context.abstract_syntax
+        self.sop_instance_uid = fields.get("AffectedSOPInstanceUID") or ""
+        self.transfer_syntax = context.transfer_syntax
+        self._prefix = []
+        self._prefix_size = 0
+        self._writer = None
+        self._relpath = None
+        self._failed = None
+        self._answered = False
+
+    # -- fragments ----------------------------------------------------------
+
+    def fragment(self, data):
+        if self._failed is not None:
+            return
+        if self._writer is None and not self._open():
+            return
+        self._write(data)
+        if self._relpath is None and self._failed is None:
+            # A bounded copy of the beginning, for the tag walk only.
+            self._prefix.append(bytes(data))
+            self._prefix_size += len(data)
+            self._find_uids(final=False)
+
+    def finish(self):
+        if self._failed is None and self._writer is None:
+            self._open()
+        if self._failed is None and self._relpath is None:
+            self._find_uids(final=True)
+        if self._failed is not None:
+            self._respond(*self._failed)
+            return
+        d = self._writer.commit(self._relpath)
+        d.addCallback(self._stored)
+        d.addErrback(self._store_failed)
+        d.addErrback(lambda f: log.failure("Answering a C-STORE failed", f))
+
+    def aborted(self, association):
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    # -- internals ------------------------------------------------------------
+
+    def fail(self, status, comment):
+        if self._failed is None:
+            self._failed = (status, comment)
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._prefix = []
+
+    def _open(self):
+        """
+        Start the file: fragments go straight into it as they arrive; its
+        name is decided at commit, once the UIDs are known.
+        """
+        try:
+            meta = file_meta(
+                self.sop_class_uid,
+                self.sop_instance_uid,
+                self.transfer_syntax,
+                IMPLEMENTATION_CLASS_UID,
+                IMPLEMENTATION_VERSION_NAME,
+                source_aet=self.association.rq.calling_aet or None,
+            )
+        except ValueError:
+            self.fail(dimse_status.CANNOT_UNDERSTAND, "Invalid SOP Class or Instance UID in the command")
+            return False
+        try:
+            self._writer = self.service.storage.open_writer(fsync=self.service.fsync)
+        except OSError as e:
+            log.error("Cannot create a stored instance: {error}", error=e.strerror)
+            self.fail(dimse_status.OUT_OF_RESOURCES, "Storage unavailable")
+            return False
+        self._write(meta)
+        return self._failed is None
+
+    def _write(self, data):
+        try:
+            self._writer.write(data)
+        except OSError as e:
+            log.error("Cannot write a received instance: {error}", error=e.strerror)
+            self.fail(dimse_status.OUT_OF_RESOURCES, "Storage write failed")
+
+    def _find_uids(self, final):
+        data = b"".join(self._prefix) if len(self._prefix) > 1 else (self._prefix[0] if self._prefix else b"")
+        self._prefix = [data] if data else []
+        try:
+            study, series, sop = uids_from_dataset_prefix(data, self.transfer_syntax, final=final)
+        except NeedMoreData:
+            if self._prefix_size > MAX_PREFIX:
+                self.fail(
+                    dimse_status.CANNOT_UNDERSTAND,
+                    "Study/Series Instance UID not found in the first 4 MiB of the data set",
+                )
+            return
+        except ValueError:
+            self.fail(dimse_status.CANNOT_UNDERSTAND, "The data set cannot be decoded")
+            return
+        self._prefix = []
+        if not study or not series:
+            self.fail(dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Data set has no Study or Series Instance UID")
+            return
+        if sop and sop != self.sop_instance_uid:
+            self.fail(
+                dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance UID of the data set differs from the command's",
+            )
+            return
+        try:
+            self._relpath = layout_path(self.service.layout, study, series, self.sop_instance_uid)
+        except ValueError:
+            self.fail(dimse_status.CANNOT_UNDERSTAND, "UIDs unusable as a storage path")
+
+    def _stored(self, stored):
+        self._writer = None
+        pipeline = self.service.pipeline
+        if pipeline is None:
+            self._respond(dimse_status.SUCCESS, None)
+            return None
+        executor, endpoint = pipeline
+        envelope = self._envelope(stored)
+        d = executor.execute(endpoint, envelope)
+        d.addCallback(self._pipeline_done)
+        return d
+
+    def _store_failed(self, failure):
+        log.error("Committing a received instance failed: {error}", error=failure.getErrorMessage())
+        self._respond(dimse_status.OUT_OF_RESOURCES, "Storage commit failed")
+
+    def _envelope(self, stored):
+        association = self.association
+        rq = association.rq
+        peer = association.peer
+        instance = DicomInstance(
+            sop_class_uid=self.sop_class_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            transfer_syntax=self.transfer_syntax,
+            data=self.service.storage.read(stored.relpath),
+            size=stored.size,
+            path=stored.path,
+        )
+        details = RequestDetails(
+            method="C-STORE",
+            uri=f"dicom://{rq.called_aet}/store",
+            path="store",
+            full_path="store",
+            headers=Headers(),
+            client=(getattr(peer, "host", None), getattr(peer, "port", None)),
+            scheme="dicom",
+        )
+        request = DicomRequest(
+            operation="store",
+            calling_aet=rq.calling_aet,
+            called_aet=rq.called_aet,
+            instances=Stream.from_iterable([instance]),
+        )
+        envelope = RequestEnvelope(details=details, dicom=request)
+        envelope.metadata.update(
+            {
+                "protocol": "dimse",
+                "calling_aet": rq.calling_aet,
+                "called_aet": rq.called_aet,
+                "stored_relpath": stored.relpath,
+            }
+        )
+        return envelope
+
+    def _pipeline_done(self, response):
+        result = response.dicom
+        if result is not None and result.status is not None:
+            status, comment = result.status, result.error_comment
+        else:
+            status = dimse_status.status_for_http(response.status)
+            comment = None if status == dimse_status.SUCCESS else f"Pipeline answered HTTP {response.status}"
+        self._respond(status, comment)
+
+    def _respond(self, status, comment):
+        if self._answered:
+            return
+        self._answered = True
+        association = self.association
+        if association._closed:
+            return
+        rsp = messages.store_rsp(self.message_id, self.sop_class_uid, self.sop_instance_uid, status, comment)
+        association.send_message(self.context.id, rsp)
+
+
+def error_result(error):
+    """
+    The DIMSE status and comment for a typed error.
+    """
+    if isinstance(error, HarmonyError):
+        return dimse_status.status_for_error(error), error.message
+    return dimse_status.PROCESSING_FAILURE, "Processing failure"
+

@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.unit.test_dicom_scp_endpoint -*-
+"""
+The C{dicom_scp} endpoint service: a DICOM listener (C-ECHO, C-STORE) whose
+received instances go through the endpoint's pipeline.  C{service =
+"dicom"} under C{[endpoints]} means this type.
+"""
+
+import os
+
+from pydicom import uid as pydicom_uid
+from pynetdicom.presentation import AllStoragePresentationContexts
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from zope.interface import implementer
+
+from harmony.config.schema import REQUIRED, Bool, Field, Int, ListOf, Number, Schema, Str
+from harmony.dimse import messages
+from harmony.dimse.association import AssociationSettings
+from harmony.dimse.pdu import validate_ae_title
+from harmony.dimse.scp import DicomServerFactory, SCPPolicy
+from harmony.dimse.status import status_for_error
+from harmony.dimse.store import StoreService
+from harmony.envelope import DicomResult, ResponseEnvelope
+from harmony.interfaces import IEndpoint
+from harmony.logs import logger
+from harmony.storage.dicom import check_layout
+
+log = logger("harmony.endpoints.dicom_scp")
+
+#: Storage SOP classes pynetdicom knows.
+STORAGE_SOP_CLASSES = tuple(c.abstract_syntax for c in AllStoragePresentationContexts)
+
+#: Transfer syntaxes accepted by default: native ones, deflated, and the
+#: compressed ones (stored as received, never transcoded).
+DEFAULT_TRANSFER_SYNTAXES = (
+    pydicom_uid.ExplicitVRLittleEndian,
+    pydicom_uid.ImplicitVRLittleEndian,
+    pydicom_uid.DeflatedExplicitVRLittleEndian,
+    pydicom_uid.ExplicitVRBigEndian,
+    pydicom_uid.JPEGBaseline8Bit,
+    pydicom_uid.JPEGExtended12Bit,
+    pydicom_uid.JPEGLossless,
+    pydicom_uid.JPEGLosslessSV1,
+    pydicom_uid.JPEGLSLossless,
+    pydicom_uid.JPEGLSNearLossless,
+    pydicom_uid.JPEG2000Lossless,
+    pydicom_uid.JPEG2000,
+    pydicom_uid.HTJ2KLossless,
+    pydicom_uid.HTJ2KLosslessRPCL,
+    pydicom_uid.HTJ2K,
+    pydicom_uid.RLELossless,
+    pydicom_uid.MPEG2MPML,
+    pydicom_uid.MPEG4HP41,
+    pydicom_uid.HEVCMP51,
+)
+
+
+def _check_aet(value):
+    try:
+        validate_ae_title(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_uid(value):
+    if not value or len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+        return f'expected a UID (digits and dots, at most 64 characters), got "{value}"'
+    return None
+
+
+def _check_layout(value):
+    try:
+        check_layout(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+OPTIONS = Schema(
+    {
+        "local_aet": Field(Str(nonempty=True, check=_check_aet), REQUIRED, "our AE title"),
+        "bind_addr": Field(Str(nonempty=True), "0.0.0.0"),
+        "port": Field(Int(min=0, max=65535), 11112),
+        "enable_echo": Field(Bool(), True),
+        "enable_store": Field(Bool(), False),
+        "storage_dir": Field(Str(), "", "where received instances are stored (default: <storage path>/dicom)"),
+        "storage_layout": Field(Str(nonempty=True, check=_check_layout), "{study}/{series}/{sop}.dcm"),
+        "fsync": Field(Bool(), False, "fsync each stored file before answering"),
+        "allowed_calling_aets": Field(ListOf(Str(nonempty=True, check=_check_aet)), ()),
+        "require_called_aet": Field(Bool(), True),
+        "max_associations": Field(Int(min=1, max=10000), 32),
+        "max_pdu_length": Field(Int(min=0, max=0xFFFFFFFF), 131072, "0 = unlimited"),
+        "idle_timeout_secs": Field(Number(min=0.001), 60.0),
+        "dimse_timeout_secs": Field(Number(min=0.001), 30.0),
+        "artim_timeout_secs": Field(Number(min=0.001), 30.0),
+        "sop_classes": Field(ListOf(Str(nonempty=True, check=_check_uid)), ()),
+        "transfer_syntaxes": Field(ListOf(Str(nonempty=True, check=_check_uid)), ()),
+    }
+)
+
+
+@implementer(IEndpoint)
+class DicomScpEndpoint:
+    """
+    A DICOM SCP endpoint.
+    """
+
+    service_type = "dicom_scp"
+
+    def __init__(self, name, options, context=None):
+        self.name = name
+        self.options = options
+        self._config = getattr(context, "config", None)
+
+    def http_routes(self):
+        return []
+
+    def listen_addresses(self):
+        return [(self.options.bind_addr, self.options.port)]
+
+    def policy(self):
+        options = self.options
+        syntaxes = list(options.transfer_syntaxes) or list(DEFAULT_TRANSFER_SYNTAXES)
+        abstract = {}
+        if options.enable_echo:
+            abstract[messages.VERIFICATION_SOP_CLASS] = [
+                pydicom_uid.ImplicitVRLittleEndian,
+                pydicom_uid.ExplicitVRLittleEndian,
+            ]
+        if options.enable_store:
+            for sop_class in options.sop_classes or STORAGE_SOP_CLASSES:
+                abstract[sop_class] = syntaxes
+        return SCPPolicy(
+            ae_title=options.local_aet,
+            syntaxes=abstract,
+            require_called_aet=options.require_called_aet,
+            allowed_calling_aets=options.allowed_calling_aets,
+            max_associations=options.max_associations,
+        )
+
+    def storage_dir(self):
+        if self.options.storage_dir:
+            path = self.options.storage_dir
+        else:
+            storage = self._config.storage.options if self._config is not None else None
+            path = os.path.join(storage.path if storage else "./tmp", "dicom")
+        return self._config.resolve_path(path) if self._config is not None else os.path.abspath(path)
+
+    def services(self, executor, reactor):
+        from harmony.storage.filesystem import FilesystemStorage
+
+        options = self.options
+        settings = AssociationSettings(
+            max_pdu_length=options.max_pdu_length,
+            artim_timeout=options.artim_timeout_secs,
+            idle_timeout=options.idle_timeout_secs,
+        )
+        services = []
+        handlers = {}
+        if options.enable_store:
+            storage = FilesystemStorage(self.storage_dir(), reactor=reactor)
+            services.append(storage)
+            handlers[messages.C_STORE_RQ] = StoreService(
+                storage, options.storage_layout, options.fsync, pipeline=(executor, self)
+            )
+        factory = DicomServerFactory(reactor, self.policy(), settings, handlers, enable_echo=options.enable_echo)
+        description = f"tcp:port={options.port}:interface={endpoints.quoteStringArgument(options.bind_addr)}"
+        listener = StreamServerEndpointService(endpoints.serverFromString(reactor, description), factory)
+        listener._raiseSynchronously = True
+        listener.setName(f"dicom:{self.name}")
+        self.factory = factory
+        services.append(listener)
+        return services
+
+    def incoming(self, envelope):
+        return None
+
+    def outgoing(self, envelope, response):
+        return response
+
+    def render_error(self, error):
+        response = ResponseEnvelope(status=error.status)
+        response.dicom = DicomResult(status=status_for_error(error), error_comment=error.message[:64])
+        return response
