@@ -227,6 +227,27 @@ class ClientAssociation:
             fields["MoveOriginatorMessageID"] = move_originator[1]
         return self._request(context.id, fields, dataset)
 
+    def store_file(self, path, priority=0, move_originator=None, chunk_size=256 * 1024):
+        """
+        C-STORE of a DICOM Part 10 file, its data set streamed from disk in
+        chunks (never read whole).
+
+        @return: Deferred[L{DimseStatus}]
+        """
+        try:
+            header = read_part10_header(path)
+            context = self.context_for(header.sop_class_uid, header.transfer_syntax)
+        except (OSError, ValueError, LookupError) as e:
+            return defer.fail(e)
+        return self.store(
+            header.sop_class_uid,
+            header.sop_instance_uid,
+            context.transfer_syntax,
+            _file_chunks(path, header.dataset_offset, chunk_size),
+            priority=priority,
+            move_originator=move_originator,
+        )
+
     def release(self):
         """
         Orderly release.
@@ -238,6 +259,59 @@ class ClientAssociation:
     def abort(self):
         self.association.abort(0, 0)
         return self.association.ended
+
+
+@attr.s(frozen=True)
+class Part10Header:
+    """
+    What a C-STORE needs from a Part 10 file's meta information.
+    """
+
+    sop_class_uid = attr.ib()
+    sop_instance_uid = attr.ib()
+    transfer_syntax = attr.ib()
+    dataset_offset = attr.ib()
+
+
+def read_part10_header(path):
+    """
+    Read a DICOM Part 10 file's meta information (a small read; the data
+    set is not touched).
+
+    @raise ValueError: not a Part 10 file, or required meta elements are
+        missing.
+    """
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(path)
+    except (InvalidDicomError, EOFError, KeyError, TypeError) as e:
+        raise ValueError(f"not a DICOM Part 10 file: {e}") from None
+    try:
+        # Preamble (128) + "DICM" (4) + the group length element (12) + the group.
+        offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+        return Part10Header(
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            str(meta.TransferSyntaxUID),
+            offset,
+        )
+    except AttributeError as e:
+        raise ValueError(f"incomplete file meta information: {e}") from None
+
+
+def _file_chunks(path, offset, chunk_size):
+    """
+    The bytes of a file from C{offset}, lazily, in chunks.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                return
+            yield chunk
 
 
 class DicomClient:

@@ -310,7 +310,8 @@ class FilesystemStorage(Service):
             self._owns_pool = False
         self.threadpool = threadpool
         self._temp_root = os.path.join(self.root, TEMP_DIR)
-        _makedirs(self._temp_root, os.path.dirname(self.root))
+        # The root and any missing parents (a fresh machine), then .tmp.
+        _makedirs(self._temp_root, os.path.dirname(os.path.abspath(os.sep)))
 
     # -- service ----------------------------------------------------------
 
