@@ -197,6 +197,7 @@ def builtin_registry():
     """
     A registry with Harmony's own types only.
     """
+    from harmony.backends import dicom_scu
     from harmony.backends import echo as echo_backend
     from harmony.backends import http as http_backend
     from harmony.endpoints import dicom_scp
@@ -228,6 +229,13 @@ def builtin_registry():
             endpoint_factory=dicom_scp.DicomScpEndpoint,
             endpoint_options=dicom_scp.OPTIONS,
             endpoint_protocol="dimse",
+        )
+    )
+    registry.add_service(
+        ServiceType(
+            name="dicom_scu",
+            backend_factory=dicom_scu.DicomScuBackend,
+            backend_options=dicom_scu.OPTIONS,
         )
     )
     registry.add_middleware(MiddlewareType("passthru", passthru.Passthru))

@@ -94,12 +94,13 @@ def negotiate_as_acceptor(requested, policy, roles=()):
         if role is not None:
             scu = role.scu
             scp = role.scp and context.abstract_syntax in policy.requestor_scp_allowed
-            replies[context.abstract_syntax] = RoleSelection(context.abstract_syntax, scu, scp)
         if not scu and not scp:
             # The requestor offered only a role we refuse: nothing can be
-            # done on this context.
+            # done on this context (and no role reply for it).
             ac.append(PresentationContextAC(context.id, USER_REJECTION, None))
             continue
+        if role is not None:
+            replies[context.abstract_syntax] = RoleSelection(context.abstract_syntax, scu, scp)
         ac.append(PresentationContextAC(context.id, ACCEPTANCE, chosen))
         accepted[context.id] = AcceptedContext(context.id, context.abstract_syntax, chosen, scu, scp)
     return ac, accepted, list(replies.values())

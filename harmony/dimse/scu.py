@@ -9,6 +9,8 @@ layer.
     await assoc.release()
 """
 
+import struct
+
 import attr
 from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory
@@ -273,32 +275,49 @@ class Part10Header:
     dataset_offset = attr.ib()
 
 
-def read_part10_header(path):
+def read_part10_header(source):
     """
-    Read a DICOM Part 10 file's meta information (a small read; the data
-    set is not touched).
+    Read a DICOM Part 10 file's meta information: a C{struct} walk over the
+    (explicit VR little endian) group 0002 after the preamble; the data set
+    is not touched.
 
+    @param source: a path, or the file's first bytes (bytes-like: at least
+        the whole file meta group).
     @raise ValueError: not a Part 10 file, or required meta elements are
         missing.
     """
-    from pydicom.errors import InvalidDicomError
-    from pydicom.filereader import read_file_meta_info
-
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source[:65536])
+    else:
+        with open(source, "rb") as f:
+            data = f.read(65536)
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
+    values = {}
+    pos = 132
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"):
+            if pos + 12 > len(data):
+                raise ValueError("truncated file meta information")
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        end = start + length
+        if length == 0xFFFFFFFF or end > len(data):
+            raise ValueError("malformed file meta information")
+        values[element] = data[start:end]
+        pos = end
     try:
-        meta = read_file_meta_info(path)
-    except (InvalidDicomError, EOFError, KeyError, TypeError) as e:
-        raise ValueError(f"not a DICOM Part 10 file: {e}") from None
-    try:
-        # Preamble (128) + "DICM" (4) + the group length element (12) + the group.
-        offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-        return Part10Header(
-            str(meta.MediaStorageSOPClassUID),
-            str(meta.MediaStorageSOPInstanceUID),
-            str(meta.TransferSyntaxUID),
-            offset,
-        )
-    except AttributeError as e:
-        raise ValueError(f"incomplete file meta information: {e}") from None
+        uid = lambda element: values[element].rstrip(b"\x00 ").decode("ascii")  # noqa: E731
+        return Part10Header(uid(0x0002), uid(0x0003), uid(0x0010), pos)
+    except (KeyError, UnicodeDecodeError):
+        raise ValueError("incomplete file meta information (SOP class, instance or transfer syntax missing)") from None
 
 
 def _file_chunks(path, offset, chunk_size):

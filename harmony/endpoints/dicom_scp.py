@@ -160,6 +160,7 @@ class DicomScpEndpoint:
         handlers = {}
         if options.enable_store:
             storage = FilesystemStorage(self.storage_dir(), reactor=reactor)
+            storage.setName(f"storage:{self.name}")
             services.append(storage)
             handlers[messages.C_STORE_RQ] = StoreService(
                 storage, options.storage_layout, options.fsync, pipeline=(executor, self)

@@ -879,22 +879,20 @@ def test_unknown_endpoint_service_type(tmp_path):
 def test_unknown_backend_service_type(tmp_path):
     error = load_error(tmp_path, BASIC.replace('service = "echo"', 'service = "pacs"'))
     assert_error(error, "harmony.toml", "backends.api_out.service",
-                 "unknown service type 'pacs' (known: echo, http)")
+                 "unknown service type 'pacs' (known: dicom_scu, echo, http)")
 
 
-def test_dicom_alias_not_built_yet(tmp_path):
+def test_dicom_alias_by_role(tmp_path):
     """
-    "dicom" names dicom_scp (endpoint) / dicom_scu (backend): as an endpoint
-    it resolves to dicom_scp, whose options are then validated; dicom_scu
-    is not built in this version, so it is unknown (the error names the
-    type as written).
+    "dicom" names dicom_scp as an endpoint and dicom_scu as a backend; the
+    options are then validated against that type.
     """
     error = load_error(tmp_path, BASIC.replace('service = "http"', 'service = "dicom"'))
     assert error.key == "endpoints.api_in.options.path_prefix"
     assert error.message.startswith("unknown key \"path_prefix\"")
-    error = load_error(tmp_path, BASIC.replace('service = "echo"', 'service = "dicom_scu"'))
-    assert_error(error, "harmony.toml", "backends.api_out.service",
-                 "unknown service type 'dicom_scu' (known: echo, http)")
+    error = load_error(tmp_path, BASIC.replace('service = "echo"', 'service = "dicom"'))
+    assert error.key == "backends.api_out.options.aet"
+    assert error.message == "required key is missing"
 
 
 def _dicom_registry():

@@ -88,7 +88,7 @@ class ProviderTests(SynchronousTestCase):
             self.assertIsInstance(mtype, MiddlewareType)
             self.assertTrue(verifyObject(IMiddlewareType, mtype))
             self.assertTrue(verifyObject(IMiddleware, mtype.make("m", None, BuildContext())))
-        self.assertEqual(set(registry.service_names()), {"http", "echo", "dicom_scp"})
+        self.assertEqual(set(registry.service_names()), {"http", "echo", "dicom_scp", "dicom_scu"})
 
     def test_made_by_service_types(self):
         registry = builtin_registry()

@@ -51,9 +51,9 @@ def _validated(schema, data):
 
 def test_builtin_names():
     registry = builtin_registry()
-    assert registry.service_names() == ["dicom_scp", "echo", "http"]
+    assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
     assert registry.service_names("endpoint") == ["dicom_scp", "echo", "http"]
-    assert registry.service_names("backend") == ["echo", "http"]
+    assert registry.service_names("backend") == ["dicom_scu", "echo", "http"]
     assert registry.middleware_names() == ["connect", "passthru"]
 
 
@@ -277,7 +277,7 @@ def test_add_replaces_same_name():
     mine = ServiceType("http", HttpEndpoint, HTTP_OPTIONS)
     registry.add_service(mine)
     assert registry.service("http") is mine
-    assert registry.service_names("backend") == ["echo"]
+    assert registry.service_names("backend") == ["dicom_scu", "echo"]
 
 
 # Registry.load -----------------------------------------------------------------------
@@ -326,7 +326,7 @@ def test_load_service_type(module_factory):
     obj = registry.load("service", "store", f"{name}:Store")
     assert obj is sys.modules[name].Store
     assert registry.service("store") is obj
-    assert registry.service_names("backend") == ["echo", "http", "store"]
+    assert registry.service_names("backend") == ["dicom_scu", "echo", "http", "store"]
     assert registry.service_names("endpoint") == ["dicom_scp", "echo", "http"]
 
 
@@ -366,7 +366,7 @@ def test_load_module_not_found():
     )
     assert info.value.file is None
     assert info.value.keypath == ()
-    assert registry.service_names() == ["dicom_scp", "echo", "http"]
+    assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
 
 
 def test_load_attribute_missing(module_factory):
@@ -466,7 +466,7 @@ def test_load_plugins_from_package(plugin_package):
     assert plugged.name == "plugged"
     assert verifyObject(IServiceType, plugged)
     assert registry.service("hidden") is None
-    assert registry.service_names() == ["dicom_scp", "echo", "http", "plugged"]
+    assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http", "plugged"]
     assert registry.middleware("plugged_mw").name == "plugged_mw"
     assert registry.middleware_names() == ["connect", "passthru", "plugged_mw"]
     endpoint = plugged.make_endpoint("e", Options({"path_prefix": "/p"}), BuildContext())
@@ -497,7 +497,7 @@ def test_load_plugins_empty_package(tmp_path, monkeypatch):
     try:
         registry = builtin_registry()
         registry.load_plugins(package)
-        assert registry.service_names() == ["dicom_scp", "echo", "http"]
+        assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
         assert registry.middleware_names() == ["connect", "passthru"]
     finally:
         sys.modules.pop(name, None)

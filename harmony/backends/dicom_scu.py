@@ -1,0 +1,327 @@
+# -*- test-case-name: tests.integration.test_dicom_scu_backend -*-
+"""
+The C{dicom_scu} backend: answers requests with DIMSE operations against a
+DICOM peer (a PACS).  C{service = "dicom"} under C{[backends]} means this
+type.
+
+  - From a DICOM endpoint (a C{DicomRequest} in the envelope): C-ECHO, and
+    C-STORE of every instance received (the SCP answers its peer with the
+    status the PACS gave: never success for a failed forward).
+  - From HTTP (Rust-Harmony compatible paths): C{POST {prefix}/echo} ->
+    C{{"operation": "echo", "success": true, ...}}; C{POST {prefix}/store}
+    with an C{application/dicom} body (a Part 10 file) or
+    C{multipart/related; type="application/dicom"} (several) -> one
+    C-STORE per instance and a JSON result per instance.
+"""
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from harmony.config.schema import REQUIRED, Field, Int, Number, Schema, Str
+from harmony.dimse import status as dimse_status
+from harmony.dimse.association import AssociationAborted, AssociationRejected, AssociationSettings
+from harmony.dimse.messages import VERIFICATION_SOP_CLASS
+from harmony.dimse.pdu import validate_ae_title
+from harmony.dimse.scu import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    DicomClient,
+    DimseTimeout,
+    read_part10_header,
+)
+from harmony.envelope import DicomResult, ResponseEnvelope, media_type
+from harmony.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamTimeout, UpstreamUnavailable
+from harmony.interfaces import IBackend
+from harmony.logs import logger
+from harmony.streams import collect
+
+log = logger("harmony.backends.dicom_scu")
+
+
+def _check_aet(value):
+    try:
+        validate_ae_title(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+OPTIONS = Schema(
+    {
+        "aet": Field(Str(nonempty=True, check=_check_aet), REQUIRED, "the peer's AE title"),
+        "host": Field(Str(nonempty=True), REQUIRED),
+        "port": Field(Int(min=1, max=65535), REQUIRED),
+        "local_aet": Field(Str(nonempty=True, check=_check_aet), "HARMONY_SCU"),
+        "max_pdu_length": Field(Int(min=0, max=0xFFFFFFFF), 131072),
+        "timeout_secs": Field(Number(min=0.001), 30.0, "DIMSE response timeout"),
+        "connect_timeout_secs": Field(Number(min=0.001), 10.0, "TCP connect + association"),
+        "max_body_size": Field(Int(min=1), 512 * 1024 * 1024, "largest HTTP store body (bytes)"),
+    }
+)
+
+_UNCOMPRESSED = [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
+
+
+class _Instance:
+    """
+    An instance to send: its header and a data set source.
+    """
+
+    def __init__(self, sop_class_uid, sop_instance_uid, transfer_syntax, dataset, path=None):
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.dataset = dataset
+        self.path = path
+
+
+@implementer(IBackend)
+class DicomScuBackend:
+    """
+    DIMSE operations against one peer.
+    """
+
+    service_type = "dicom_scu"
+
+    def __init__(self, name, options, context):
+        self.name = name
+        self.options = options
+        self._reactor = context.reactor
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            options = self.options
+            self._client = DicomClient(
+                self._reactor,
+                options.local_aet,
+                AssociationSettings(max_pdu_length=options.max_pdu_length),
+                connect_timeout=options.connect_timeout_secs,
+                dimse_timeout=options.timeout_secs,
+            )
+        return self._client
+
+    def handle(self, envelope):
+        return defer.Deferred.fromCoroutine(self._handle(envelope))
+
+    async def _handle(self, envelope):
+        if envelope.dicom is not None:
+            return await self._dimse(envelope.dicom)
+        operation = envelope.details.path.strip("/").rsplit("/", 1)[-1].lower()
+        if operation == "echo":
+            return await self._http_echo()
+        if operation == "store":
+            if envelope.details.method != "POST":
+                raise BadRequest("Use POST to store instances")
+            return await self._http_store(envelope)
+        raise NotFound("Unknown DICOM operation (this backend answers /echo and /store)")
+
+    # -- DIMSE requests -------------------------------------------------------
+
+    async def _dimse(self, request):
+        if request.operation == "echo":
+            status = await self._echo()
+            return _dimse_response(status, None)
+        if request.operation == "store":
+            instances = []
+            async for item in request.instances:
+                if item.path is None:
+                    raise BadRequest("Instances to forward must be stored files")
+                header = read_part10_header(item.path)
+                instances.append(_Instance(header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax, None, item.path))
+            results = await self._store(instances)
+            failed = [r for r in results if dimse_status.is_failure(r[1].status)]
+            if failed:
+                _, result = failed[0]
+                return _dimse_response(result.status, result.error_comment or "Forwarding to the PACS failed")
+            return _dimse_response(dimse_status.SUCCESS, None)
+        raise BadRequest(f"The dicom_scu backend does not answer {request.operation} requests in this version")
+
+    # -- HTTP requests ----------------------------------------------------------
+
+    async def _http_echo(self):
+        options = self.options
+        base = {"operation": "echo", "remote_aet": options.aet, "host": options.host, "port": options.port}
+        try:
+            status = await self._echo()
+        except (UpstreamUnavailable, UpstreamTimeout) as e:
+            return ResponseEnvelope.json(e.status, dict(base, success=False, error=e.message))
+        ok = status.status == dimse_status.SUCCESS
+        body = dict(base, success=ok, status=f"0x{status.status:04X}")
+        return ResponseEnvelope.json(200 if ok else 502, body)
+
+    async def _http_store(self, envelope):
+        data = await collect(envelope.body, self.options.max_body_size)
+        ctype = envelope.content_type
+        parts = _dicom_parts(ctype, data)
+        instances = []
+        for i, part in enumerate(parts):
+            try:
+                header = read_part10_header(part)
+            except ValueError:
+                raise BadRequest(f"Part {i + 1} is not a DICOM Part 10 file")
+            instances.append(
+                _Instance(
+                    header.sop_class_uid,
+                    header.sop_instance_uid,
+                    header.transfer_syntax,
+                    memoryview(part)[header.dataset_offset :],
+                )
+            )
+        results = await self._store(instances)
+        rendered = [
+            {
+                "sop_class_uid": instance.sop_class_uid,
+                "sop_instance_uid": instance.sop_instance_uid,
+                "status": f"0x{result.status:04X}",
+                "success": not dimse_status.is_failure(result.status),
+                **({"error_comment": result.error_comment} if result.error_comment else {}),
+            }
+            for instance, result in results
+        ]
+        ok = all(r["success"] for r in rendered)
+        body = {"operation": "store", "success": ok, "remote_aet": self.options.aet, "results": rendered}
+        return ResponseEnvelope.json(200 if ok else 502, body)
+
+    # -- associations -------------------------------------------------------------
+
+    async def _associate(self, syntaxes):
+        options = self.options
+        try:
+            return await self.client.associate(options.host, options.port, options.aet, syntaxes)
+        except AssociationRejected as e:
+            log.warn(
+                "Backend {backend}: association rejected by {aet} (source {source}, reason {reason})",
+                backend=self.name,
+                aet=options.aet,
+                source=e.source,
+                reason=e.reason,
+            )
+            raise UpstreamUnavailable(f"The PACS rejected the association (source {e.source}, reason {e.reason})")
+        except DimseTimeout:
+            raise UpstreamTimeout("The PACS did not accept the association in time")
+        except Exception as e:
+            log.warn("Backend {backend}: cannot associate with {aet}: {kind}", backend=self.name, aet=options.aet, kind=type(e).__name__)
+            raise UpstreamUnavailable("The PACS is unreachable")
+
+    async def _echo(self):
+        association = await self._associate([(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)])
+        try:
+            status = await association.echo()
+        except DimseTimeout:
+            raise UpstreamTimeout("The PACS did not answer the C-ECHO in time")
+        except AssociationAborted:
+            raise UpstreamUnavailable("The PACS aborted the association")
+        await _release(association)
+        return status
+
+    async def _store(self, instances):
+        """
+        C-STORE each instance on one association.
+
+        @return: a list of (instance, L{DimseStatus}).
+        """
+        if not instances:
+            return []
+        wanted = {}
+        for instance in instances:
+            syntaxes = wanted.setdefault(instance.sop_class_uid, [])
+            if instance.transfer_syntax not in syntaxes:
+                syntaxes.append(instance.transfer_syntax)
+        association = await self._associate(list(wanted.items()))
+        results = []
+        try:
+            for instance in instances:
+                try:
+                    context = association.context_for(instance.sop_class_uid, instance.transfer_syntax)
+                except LookupError:
+                    results.append((instance, _status(dimse_status.SOP_CLASS_NOT_SUPPORTED, "The PACS does not accept this SOP class / transfer syntax")))
+                    continue
+                if instance.path is not None:
+                    status = await association.store_file(instance.path)
+                else:
+                    status = await association.store(
+                        instance.sop_class_uid, instance.sop_instance_uid, context.transfer_syntax, instance.dataset
+                    )
+                results.append((instance, status))
+        except DimseTimeout:
+            raise UpstreamTimeout("The PACS did not answer a C-STORE in time")
+        except AssociationAborted:
+            raise UpstreamUnavailable("The PACS aborted the association")
+        await _release(association)
+        return results
+
+    def close(self):
+        return defer.succeed(None)
+
+
+async def _release(association):
+    try:
+        await association.release()
+    except Exception:
+        pass
+
+
+def _status(code, comment):
+    from harmony.dimse.scu import DimseStatus
+
+    return DimseStatus(code, comment)
+
+
+def _dimse_response(status, comment):
+    response = ResponseEnvelope(status=200 if not dimse_status.is_failure(status) else 502)
+    response.dicom = DicomResult(status=status, error_comment=comment)
+    return response
+
+
+def _dicom_parts(content_type, data):
+    """
+    The DICOM files in an HTTP body: one for C{application/dicom}, each part
+    of a C{multipart/related} body.
+    """
+    mtype = media_type(content_type)
+    if mtype == "application/dicom":
+        return [data]
+    if mtype != "multipart/related":
+        raise UnsupportedMediaType("Send application/dicom or multipart/related; type=\"application/dicom\"")
+    params = _params(content_type)
+    boundary = params.get("boundary")
+    if not boundary:
+        raise BadRequest("multipart/related without a boundary")
+    inner = params.get("type", "application/dicom").lower()
+    if inner != "application/dicom":
+        raise UnsupportedMediaType("multipart/related parts must be application/dicom")
+    delimiter = b"--" + boundary.encode("latin-1")
+    parts = []
+    chunks = data.split(delimiter)
+    if len(chunks) < 3:
+        raise BadRequest("Malformed multipart body")
+    for chunk in chunks[1:-1]:
+        if chunk.startswith(b"\r\n"):
+            chunk = chunk[2:]
+        head, sep, body = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise BadRequest("Malformed multipart part (no header end)")
+        if body.endswith(b"\r\n"):
+            body = body[:-2]
+        part_type = ""
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-type":
+                part_type = media_type(value.decode("latin-1"))
+        if part_type not in ("", "application/dicom"):
+            raise UnsupportedMediaType("multipart/related parts must be application/dicom")
+        parts.append(body)
+    if not chunks[-1].startswith(b"--"):
+        raise BadRequest("Malformed multipart body (no closing boundary)")
+    return parts
+
+
+def _params(content_type):
+    params = {}
+    for item in content_type.split(";")[1:]:
+        name, _, value = item.partition("=")
+        params[name.strip().lower()] = value.strip().strip('"')
+    return params
+

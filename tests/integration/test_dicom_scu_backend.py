@@ -1,0 +1,225 @@
+"""
+The dicom_scu backend against a real Orthanc: HTTP -> DICOM (echo, store of
+application/dicom and multipart/related bodies) and DICOM -> DICOM
+(storescu -> Harmony's SCP -> Orthanc, answered with the PACS's outcome).
+"""
+
+import io
+
+import pydicom
+import pytest
+from harmonytest import free_port, request, start_harmony, write_config
+from peers import dcmtk
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+BASE = """
+[proxy]
+id = "scu-it"
+[network.default.http]
+bind_address = "127.0.0.1"
+bind_port = {http_port}
+[storage.options]
+path = "./store"
+"""
+
+PIPELINES = """
+[pipelines.http_to_pacs]
+networks = ["default"]
+endpoints = ["api"]
+backends = ["pacs"]
+
+[endpoints.api]
+service = "http"
+options.path_prefix = "/dicom"
+
+[pipelines.http_to_nowhere]
+networks = ["default"]
+endpoints = ["api_down"]
+backends = ["down"]
+
+[endpoints.api_down]
+service = "http"
+options.path_prefix = "/down"
+
+[pipelines.forward]
+endpoints = ["scp"]
+backends = ["pacs_forward"]
+
+[endpoints.scp]
+service = "dicom"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {scp_port}
+enable_store = true
+
+[pipelines.forward_down]
+endpoints = ["scp_down"]
+backends = ["down_forward"]
+
+[endpoints.scp_down]
+service = "dicom"
+[endpoints.scp_down.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {scp_down_port}
+enable_store = true
+
+[backends.pacs]
+service = "dicom"
+[backends.pacs.options]
+aet = "{orthanc_aet}"
+host = "127.0.0.1"
+port = {orthanc_port}
+
+[backends.pacs_forward]
+service = "dicom_scu"
+[backends.pacs_forward.options]
+aet = "{orthanc_aet}"
+host = "127.0.0.1"
+port = {orthanc_port}
+
+[backends.down]
+service = "dicom_scu"
+[backends.down.options]
+aet = "NOBODY"
+host = "127.0.0.1"
+port = {dead_port}
+connect_timeout_secs = 5
+
+[backends.down_forward]
+service = "dicom_scu"
+[backends.down_forward.options]
+aet = "NOBODY"
+host = "127.0.0.1"
+port = {dead_port}
+connect_timeout_secs = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(orthanc, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("scu-gateway")
+    ports = {"http_port": free_port(), "scp_port": free_port(), "scp_down_port": free_port()}
+    config = write_config(
+        directory,
+        BASE.format(**ports),
+        {
+            "dicom": PIPELINES.format(
+                orthanc_aet=orthanc.aet, orthanc_port=orthanc.dicom_port, dead_port=free_port(), **ports
+            )
+        },
+    )
+    process = start_harmony(directory, config, ports["http_port"])
+    process.wait_for_port(ports["scp_port"])
+    process.wait_for_port(ports["scp_down_port"])
+    ports["process"] = process
+    yield ports
+    process.stop_cleanly()
+
+
+def _instance(source="CT_small.dcm"):
+    ds = pydicom.dcmread(get_testdata_file(source, download=False))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return ds, out.getvalue()
+
+
+def _orthanc_uids(orthanc):
+    return {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get_json("/instances?expand")}
+
+
+def test_http_echo(gateway, orthanc):
+    response = request(gateway["http_port"], "POST", "/dicom/echo", b"")
+    assert response.status == 200
+    body = response.json()
+    assert body["operation"] == "echo" and body["success"] is True
+    assert body["remote_aet"] == orthanc.aet and body["port"] == orthanc.dicom_port
+
+
+def test_http_echo_peer_down(gateway):
+    response = request(gateway["http_port"], "POST", "/down/echo", b"")
+    assert response.status == 502
+    body = response.json()
+    assert body["operation"] == "echo" and body["success"] is False and body["error"]
+    # Still serving.
+    assert request(gateway["http_port"], "POST", "/dicom/echo", b"").status == 200
+
+
+def test_http_store_application_dicom(gateway, orthanc):
+    ds, data = _instance()
+    response = request(gateway["http_port"], "POST", "/dicom/store", data, headers=[("Content-Type", "application/dicom")])
+    assert response.status == 200, response.body
+    body = response.json()
+    assert body["success"] is True
+    [result] = body["results"]
+    assert result == {
+        "sop_class_uid": ds.SOPClassUID,
+        "sop_instance_uid": ds.SOPInstanceUID,
+        "status": "0x0000",
+        "success": True,
+    }
+    assert ds.SOPInstanceUID in _orthanc_uids(orthanc)
+
+
+def test_http_store_multipart_related(gateway, orthanc):
+    instances = [_instance("CT_small.dcm"), _instance("MR_small.dcm")]
+    boundary = "harmony-boundary-42"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n" for _, data in instances
+    ) + f"--{boundary}--\r\n".encode()
+    ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    response = request(gateway["http_port"], "POST", "/dicom/store", body, headers=[("Content-Type", ctype)])
+    assert response.status == 200, response.body
+    results = response.json()["results"]
+    assert [r["sop_instance_uid"] for r in results] == [ds.SOPInstanceUID for ds, _ in instances]
+    assert all(r["success"] for r in results)
+    assert {ds.SOPInstanceUID for ds, _ in instances} <= _orthanc_uids(orthanc)
+
+
+@pytest.mark.parametrize(
+    "ctype, body, status",
+    [
+        ("application/dicom", b"not dicom at all" * 20, 400),
+        ("application/json", b"{}", 415),
+        ('multipart/related; type="application/dicom"', b"--x\r\n\r\n", 400),
+    ],
+)
+def test_http_store_bad_bodies(gateway, ctype, body, status):
+    response = request(gateway["http_port"], "POST", "/dicom/store", body, headers=[("Content-Type", ctype)])
+    assert response.status == status
+    assert set(response.json()) == {"error", "message"}
+    assert request(gateway["http_port"], "POST", "/dicom/echo", b"").status == 200
+
+
+def test_http_unknown_operation(gateway):
+    response = request(gateway["http_port"], "POST", "/dicom/nonsense", b"{}")
+    assert response.status == 404
+    assert response.json()["error"] == "not_found"
+
+
+def test_storescu_forwarded_to_orthanc(gateway, orthanc, tmp_path):
+    ds, data = _instance()
+    path = tmp_path / "in.dcm"
+    path.write_bytes(data)
+    result = dcmtk("storescu", "-v", "-aec", "HARMONY", "127.0.0.1", gateway["scp_port"], path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Received Store Response (Success)" in result.stdout + result.stderr
+    assert ds.SOPInstanceUID in _orthanc_uids(orthanc)
+
+
+def test_failed_forward_is_never_success(gateway, tmp_path):
+    ds, data = _instance()
+    path = tmp_path / "in.dcm"
+    path.write_bytes(data)
+    result = dcmtk("storescu", "-v", "-aec", "HARMONY", "127.0.0.1", gateway["scp_down_port"], path)
+    out = result.stdout + result.stderr
+    assert "Received Store Response (Success)" not in out, out
+    assert "Refused: OutOfResources" in out, out
+    # The gateway logs the failure without patient data.
+    log = gateway["process"].output()
+    assert ds.PatientName and str(ds.PatientName) not in log
+
