@@ -219,6 +219,9 @@ class DicomRequest:
     @ivar calling_aet: the peer's AE title.
     @ivar called_aet: our AE title as the peer called it.
     @ivar instances: for store: a L{Stream} of L{DicomInstance}.
+    @ivar user_identity: the peer's User Identity negotiation item
+        (L{harmony.dimse.pdu.UserIdentityRQ}), passed through to a PACS a
+        C{dicom_scu} backend associates with; never logged.
     """
 
     OPERATIONS = ("echo", "find", "get", "move", "store")
@@ -232,6 +235,7 @@ class DicomRequest:
     calling_aet = attr.ib(default=None)
     called_aet = attr.ib(default=None)
     instances = attr.ib(default=None)
+    user_identity = attr.ib(default=None, repr=False)
 
 
 @attr.s(slots=True)

@@ -121,8 +121,8 @@ class DicomScuBackend:
 
     async def _dimse(self, request):
         if request.operation == "echo":
-            status = await self._echo()
-            return _dimse_response(status, None)
+            status = await self._echo(request.user_identity)
+            return _dimse_response(status.status, status.error_comment)
         if request.operation == "store":
             instances = []
             async for item in request.instances:
@@ -130,7 +130,7 @@ class DicomScuBackend:
                     raise BadRequest("Instances to forward must be stored files")
                 header = read_part10_header(item.path)
                 instances.append(_Instance(header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax, None, item.path))
-            results = await self._store(instances)
+            results = await self._store(instances, request.user_identity)
             failed = [r for r in results if dimse_status.is_failure(r[1].status)]
             if failed:
                 _, result = failed[0]
@@ -186,10 +186,12 @@ class DicomScuBackend:
 
     # -- associations -------------------------------------------------------------
 
-    async def _associate(self, syntaxes):
+    async def _associate(self, syntaxes, user_identity=None):
         options = self.options
         try:
-            return await self.client.associate(options.host, options.port, options.aet, syntaxes)
+            return await self.client.associate(
+                options.host, options.port, options.aet, syntaxes, user_identity=user_identity
+            )
         except AssociationRejected as e:
             log.warn(
                 "Backend {backend}: association rejected by {aet} (source {source}, reason {reason})",
@@ -205,8 +207,8 @@ class DicomScuBackend:
             log.warn("Backend {backend}: cannot associate with {aet}: {kind}", backend=self.name, aet=options.aet, kind=type(e).__name__)
             raise UpstreamUnavailable("The PACS is unreachable")
 
-    async def _echo(self):
-        association = await self._associate([(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)])
+    async def _echo(self, user_identity=None):
+        association = await self._associate([(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)], user_identity)
         try:
             status = await association.echo()
         except DimseTimeout:
@@ -216,9 +218,10 @@ class DicomScuBackend:
         await _release(association)
         return status
 
-    async def _store(self, instances):
+    async def _store(self, instances, user_identity=None):
         """
-        C-STORE each instance on one association.
+        C-STORE each instance on one association (with the inbound peer's
+        user identity, when there was one).
 
         @return: a list of (instance, L{DimseStatus}).
         """
@@ -229,7 +232,7 @@ class DicomScuBackend:
             syntaxes = wanted.setdefault(instance.sop_class_uid, [])
             if instance.transfer_syntax not in syntaxes:
                 syntaxes.append(instance.transfer_syntax)
-        association = await self._associate(list(wanted.items()))
+        association = await self._associate(list(wanted.items()), user_identity)
         results = []
         try:
             for instance in instances:

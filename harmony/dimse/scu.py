@@ -260,6 +260,9 @@ class ClientAssociation:
 
     def abort(self):
         self.association.abort(0, 0)
+        # No A-ABORT indication comes back for our own abort: fail what is
+        # pending now rather than at its DIMSE timeout.
+        self._fail(AssociationAborted(0, 0, "association aborted by this side"))
         return self.association.ended
 
 

@@ -152,7 +152,7 @@ class _StoreOperation:
             if self._prefix_size > MAX_PREFIX:
                 self.fail(
                     dimse_status.CANNOT_UNDERSTAND,
-                    "Study/Series Instance UID not found in the first 4 MiB of the data set",
+                    "Study/Series Instance UID not in the first 4 MiB of the data set",
                 )
             return
         except ValueError:
@@ -215,6 +215,7 @@ class _StoreOperation:
             calling_aet=rq.calling_aet,
             called_aet=rq.called_aet,
             instances=Stream.from_iterable([instance]),
+            user_identity=rq.user_identity,
         )
         envelope = RequestEnvelope(details=details, dicom=request)
         envelope.metadata.update(
@@ -243,6 +244,8 @@ class _StoreOperation:
         association = self.association
         if association._closed:
             return
+        if comment is not None:
+            comment = comment[:64]  # Error Comment is LO (PS3.7 C.4.2.1.3)
         rsp = messages.store_rsp(self.message_id, self.sop_class_uid, self.sop_instance_uid, status, comment)
         association.send_message(self.context.id, rsp)
 
