@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.integration.test_dicom_scu_backend -*-
+# -*- test-case-name: tests.unit.test_dicom_scu_forward -*-
 """
 The C{dicom_scu} backend: answers requests with DIMSE operations against a
 DICOM peer (a PACS).  C{service = "dicom"} under C{[backends]} means this
