@@ -57,11 +57,14 @@ class AssociationSettings:
         release and reject handshakes).
     @ivar idle_timeout: seconds without any PDU before the association is
         aborted (C{None}: never).
+    @ivar dimse_timeout: seconds allowed between the fragments of a DIMSE
+        message being received (C{None}: the idle timeout).
     """
 
     max_pdu_length = attr.ib(default=131072)
     artim_timeout = attr.ib(default=30.0)
     idle_timeout = attr.ib(default=60.0)
+    dimse_timeout = attr.ib(default=None)
 
 
 class AssociationAborted(Exception):
@@ -131,7 +134,6 @@ class Association(Protocol):
             self._event("Evt5")
 
     def dataReceived(self, data):
-        self._touch()
         try:
             frames = self.framer.feed(data)
             error = None
@@ -141,6 +143,10 @@ class Association(Protocol):
         self._frames(frames)
         if error is not None and not self._closed:
             self._event("Evt19", error.reason)
+        if not self._closed:
+            # After the PDUs: a message left half-received gets the DIMSE
+            # timeout, an idle association the idle timeout.
+            self._touch()
 
     def _frames(self, frames):
         for pdu_type, body in frames:
@@ -265,7 +271,10 @@ class Association(Protocol):
         self._artim = None
 
     def _touch(self):
-        timeout = self.settings.idle_timeout
+        settings = self.settings
+        timeout = settings.idle_timeout
+        if settings.dimse_timeout and self.assembler.in_progress:
+            timeout = settings.dimse_timeout
         if not timeout:
             return
         if self._idle is not None and self._idle.active():
@@ -276,7 +285,7 @@ class Association(Protocol):
     def _idle_expired(self):
         self._idle = None
         if not self._closed:
-            log.info("Association with {peer} idle for {secs}s: aborting", peer=str(self.peer), secs=self.settings.idle_timeout)
+            log.info("Association with {peer} silent for too long: aborting", peer=str(self.peer))
             self.abort(SERVICE_USER, 0)
 
     def _cancel_timers(self):

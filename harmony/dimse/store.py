@@ -8,11 +8,12 @@ C-STORE-RSP is Success only when the file is written and the pipeline
 succeeded; otherwise a PS3.4 failure status with an Error Comment.
 """
 
+from twisted.internet.defer import CancelledError
+
 from harmony.dimse import messages
 from harmony.dimse import status as dimse_status
 from harmony.dimse.scu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from harmony.envelope import DicomInstance, DicomRequest, Headers, RequestDetails, RequestEnvelope
-from harmony.errors import HarmonyError
 from harmony.logs import logger
 from harmony.storage.dicom import NeedMoreData, file_meta, layout_path, uids_from_dataset_prefix
 from harmony.streams import Stream
@@ -44,6 +45,11 @@ class StoreService:
 
     def start(self, association, context, command):
         operation = _StoreOperation(self, association, context, command)
+        if operation.sop_class_uid != context.abstract_syntax:
+            operation.fail(
+                dimse_status.SOP_CLASS_NOT_SUPPORTED,
+                "Affected SOP Class UID differs from the presentation context's",
+            )
         if not command.has_dataset:
             operation.fail(dimse_status.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set")
             operation.finish()
@@ -91,9 +97,8 @@ class _StoreOperation:
             self._respond(*self._failed)
             return
         d = self._writer.commit(self._relpath)
-        d.addCallback(self._stored)
-        d.addErrback(self._store_failed)
-        d.addErrback(lambda f: log.failure("Answering a C-STORE failed", f))
+        d.addCallbacks(self._stored, self._store_failed)
+        d.addErrback(self._pipeline_failed)
 
     def aborted(self, association):
         if self._writer is not None:
@@ -189,6 +194,12 @@ class _StoreOperation:
         log.error("Committing a received instance failed: {error}", error=failure.getErrorMessage())
         self._respond(dimse_status.OUT_OF_RESOURCES, "Storage commit failed")
 
+    def _pipeline_failed(self, failure):
+        # The executor renders errors itself; this is a bug or a cancel.
+        if not failure.check(CancelledError):
+            log.failure("The pipeline of a C-STORE failed", failure)
+        self._respond(dimse_status.PROCESSING_FAILURE, "Processing failure")
+
     def _envelope(self, stored):
         association = self.association
         rq = association.rq
@@ -248,13 +259,4 @@ class _StoreOperation:
             comment = comment[:64]  # Error Comment is LO (PS3.7 C.4.2.1.3)
         rsp = messages.store_rsp(self.message_id, self.sop_class_uid, self.sop_instance_uid, status, comment)
         association.send_message(self.context.id, rsp)
-
-
-def error_result(error):
-    """
-    The DIMSE status and comment for a typed error.
-    """
-    if isinstance(error, HarmonyError):
-        return dimse_status.status_for_error(error), error.message
-    return dimse_status.PROCESSING_FAILURE, "Processing failure"
 

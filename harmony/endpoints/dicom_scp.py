@@ -155,6 +155,7 @@ class DicomScpEndpoint:
             max_pdu_length=options.max_pdu_length,
             artim_timeout=options.artim_timeout_secs,
             idle_timeout=options.idle_timeout_secs,
+            dimse_timeout=options.dimse_timeout_secs,
         )
         services = []
         handlers = {}

@@ -136,3 +136,29 @@ class EchoTests(SynchronousTestCase):
 
     def test_abort_pdu_model(self):
         self.assertEqual(pdu.decode_pdu(pdu.A_ABORT, pdu.encode_pdu(pdu.Abort(2, 6))[6:]), pdu.Abort(2, 6))
+
+
+class DimseTimeoutOnServerTests(SynchronousTestCase):
+    def test_unfinished_message_times_out_before_idle(self):
+        reactor = MemoryReactorClock()
+        settings = AssociationSettings(idle_timeout=60, dimse_timeout=5)
+        server = DicomServerFactory(reactor, SCPPolicy("HARMONY", SYNTAXES), settings)
+        client = DicomClient(reactor, "TESTSCU")
+        d = client.associate("127.0.0.1", 11112, "HARMONY", ECHO)
+        factory = reactor.tcpClients[-1][2]
+        server_protocol, client_protocol = server.buildProtocol(None), factory.buildProtocol(None)
+        pump = iosim.connect(
+            server_protocol, iosim.makeFakeServer(server_protocol),
+            client_protocol, iosim.makeFakeClient(client_protocol), greet=True,
+        )
+        pump.flush()
+        association = self.successResultOf(d)
+        # The first fragment of a command, never followed by its last one.
+        [context] = association.contexts.values()
+        association.association.transport.write(pdu.encode_p_data_tf([(context.id, 0x01, b"\x00\x00")]))
+        pump.flush()
+        self.assertEqual(server.active, {server_protocol})
+        reactor.advance(5)
+        pump.flush()
+        self.assertEqual(server.active, set())
+        self.failureResultOf(association.echo(), AssociationAborted)

@@ -27,9 +27,9 @@ from harmony.dimse.scu import (
     DicomClient,
     read_part10_header,
 )
-from harmony.dimse.store import StoreService, error_result
+from harmony.dimse.store import StoreService
 from harmony.envelope import DicomInstance, DicomResult, ResponseEnvelope
-from harmony.errors import BadRequest, Forbidden, HarmonyError, UpstreamTimeout
+from harmony.errors import UpstreamTimeout
 from harmony.storage.dicom import DEFAULT_LAYOUT
 from harmony.storage.filesystem import FilesystemStorage
 from harmony.streams import EOF, Stream
@@ -716,6 +716,26 @@ def test_command_without_sop_instance_uid(tmp_path):
     assert_nothing_stored(peers)
 
 
+def test_sop_class_differs_from_the_context(tmp_path):
+    peers = Peers(tmp_path)
+    association = peers.connect()
+    context = association.context_for(CT)
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    fields = {
+        "AffectedSOPClassUID": MR,  # sent on the CT context
+        "CommandField": messages.C_STORE_RQ,
+        "MessageID": association._message_id(),
+        "Priority": 0,
+        "CommandDataSetType": messages.DATASET_PRESENT,
+        "AffectedSOPInstanceUID": ds.SOPInstanceUID,
+    }
+    status = peers.run(association._request(context.id, fields, dataset_bytes(data_file("CT_small.dcm"))))
+    assert status.status == 0x0122
+    assert_nothing_stored(peers)
+    # The association keeps working.
+    assert peers.run(association.store_file(data_file("CT_small.dcm"))).status == 0x0000
+
+
 def test_error_comments_fit_lo():
     # Every comment the SCP writes itself is a valid LO (<= 64 characters).
     import inspect
@@ -787,7 +807,7 @@ class FaultyWriter:
     ],
 )
 def test_storage_errors(tmp_path, faults, comment):
-    real = FilesystemStorage(str(tmp_path / "store"), reactor=None)
+    real = FilesystemStorage(str(tmp_path / "store"), reactor=MemoryReactorClock())
     storage = FaultyStorage(real, **faults)
     executor = FakeExecutor()
     peers = Peers(
@@ -912,6 +932,40 @@ def test_unsupported_command_is_answered(tmp_path):
     peers.run(association.release())
 
 
+def test_abort_while_discarding_an_unsupported_commands_dataset(tmp_path):
+    peers = Peers(tmp_path)
+    association = peers.connect()
+    context = association.context_for(FIND)
+    command = messages.encode_command(
+        {
+            "AffectedSOPClassUID": FIND,
+            "CommandField": messages.C_FIND_RQ,
+            "MessageID": 1,
+            "Priority": 0,
+            "CommandDataSetType": messages.DATASET_PRESENT,
+        }
+    )
+    pdus = list(messages.fragment(context.id, command, b"\x00" * 5000, 1024))
+    for data in pdus[:3]:
+        peers.client_protocol.transport.write(data)
+    peers.pump.flush()
+    association.abort()
+    peers.pump.flush()
+    assert peers.server_protocol.upper.state == "Sta1"
+    assert peers.factory.active == set()
+    assert_nothing_stored(peers)
+
+
+def test_echo_disabled_is_an_unsupported_command(tmp_path):
+    peers = Peers(tmp_path)
+    peers.factory.enable_echo = False
+    association = peers.connect()
+    status = peers.run(association.echo())
+    assert status.status == 0x0211
+    assert status.fields["CommandField"] == messages.C_ECHO_RSP
+    assert peers.run(association.store_file(data_file("CT_small.dcm"))).ok
+
+
 def test_pdv_on_a_context_not_accepted_aborts(tmp_path):
     peers = Peers(tmp_path)
     association = peers.connect(syntaxes=[(CT, [EXPLICIT]), ("1.2.3.4.5", [IMPLICIT])])
@@ -951,7 +1005,7 @@ def test_abort_pdu_reason_sent_by_the_scp(tmp_path):
     # What the SCP sends on a DIMSE protocol error: A-ABORT from the
     # service provider.
     peers = Peers(tmp_path)
-    association = peers.connect()
+    peers.connect()
     seen = []
     original = peers.client_protocol.dataReceived
 
@@ -985,13 +1039,6 @@ def test_custom_layout(tmp_path):
     assert peers.run(association.store_file(data_file("CT_small.dcm"))).ok
     sop = pydicom.dcmread(data_file("CT_small.dcm")).SOPInstanceUID
     assert peers.stored_files() == [os.path.join("by-sop", sop)]
-
-
-def test_error_result():
-    assert error_result(Forbidden()) == (0x0124, "Forbidden")
-    assert error_result(BadRequest("bad")) == (0xC000, "bad")
-    assert error_result(HarmonyError("oops")) == (0x0110, "oops")
-    assert error_result(ValueError("secret")) == (0x0110, "Processing failure")
 
 
 def test_status_helpers():
