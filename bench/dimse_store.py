@@ -234,8 +234,13 @@ class Child:
         self.outdir, self.aet, self.port, self.fork = outdir, aet, port, fork
         self._out = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            argv, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=workdir, start_new_session=True,
+            argv,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
         )
         self.pid = self.proc.pid  # taskset execs: same pid as the server
 
@@ -246,15 +251,18 @@ class Child:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise BenchFailure(f"{self.name} exited with status {self.proc.returncode} during startup "
-                                   f"({' '.join(self.argv)})", [(self.name, self.log)])
+                raise BenchFailure(
+                    f"{self.name} exited with status {self.proc.returncode} during startup ({' '.join(self.argv)})",
+                    [(self.name, self.log)],
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.05)
-        raise BenchFailure(f"{self.name} did not listen on 127.0.0.1:{self.port} within {timeout:.0f}s",
-                           [(self.name, self.log)])
+        raise BenchFailure(
+            f"{self.name} did not listen on 127.0.0.1:{self.port} within {timeout:.0f}s", [(self.name, self.log)]
+        )
 
     def stop(self):
         if self.alive():
@@ -417,11 +425,32 @@ def received_files(directory):
     return found
 
 
+def clear_received(directory):
+    """
+    Delete what a run stored (after verification), so that every run
+    creates new files rather than replacing existing ones (which costs the
+    filesystem more: freeing the old blocks).  Hidden entries (Harmony's
+    C{.tmp} area) stay.
+    """
+    for name in os.listdir(directory):
+        if name.startswith("."):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def verify(server, files, since):
     found = received_files(server.outdir)
     missing = [uid for _, uid, _ in files if uid not in found or found[uid][0] < since]
-    short = [uid for path, uid, size in files
-             if uid in found and found[uid][0] >= since and found[uid][1] < size * 0.95]
+    short = [
+        uid for path, uid, size in files if uid in found and found[uid][0] >= since and found[uid][1] < size * 0.95
+    ]
     return missing, short
 
 
@@ -489,33 +518,52 @@ class Runner:
         problems = []
         for name, p, log in clients:
             out = open(log, errors="replace").read()
-            bad = [line for line in out.splitlines() if line.startswith(("E:", "F:")) or "store failed" in line
-                   or "SCU error" in line]
+            bad = [
+                line
+                for line in out.splitlines()
+                if line.startswith(("E:", "F:")) or "store failed" in line or "SCU error" in line
+            ]
             if p.returncode != 0 or bad:
                 problems.append(f"{name} exited {p.returncode}" + (f": {bad[:3]}" if bad else "") + f" (log {log})")
         if not server.alive():
             problems.append(f"{server.name} died (status {server.proc.returncode}), log {server.log}")
         missing, short = verify(server, files, since)
         if missing:
-            problems.append(f"{server.name}: {len(missing)} of {len(files)} instances not stored "
-                            f"(e.g. {missing[:2]})")
+            problems.append(f"{server.name}: {len(missing)} of {len(files)} instances not stored (e.g. {missing[:2]})")
         if short:
             problems.append(f"{server.name}: {len(short)} stored files much smaller than sent (e.g. {short[:2]})")
 
+        clear_received(server.outdir)
         nbytes = sum(size for _, _, size in files)
         r = {
-            "corpus": corpus, "server": server.name, "label": label, "client": client_name,
-            "n": len(files), "bytes": nbytes, "wall": wall,
-            "ips": len(files) / wall, "mibs": nbytes / MiB / wall,
-            "srv_cpu": server_cpu, "srv_sys": server_sys, "client_cpu": client_cpu, "other": other,
-            "peak": peak, "growth": growth, "rss_before": rss_before,
-            "ok": not problems, "extra": {},
+            "corpus": corpus,
+            "server": server.name,
+            "label": label,
+            "client": client_name,
+            "n": len(files),
+            "bytes": nbytes,
+            "wall": wall,
+            "ips": len(files) / wall,
+            "mibs": nbytes / MiB / wall,
+            "srv_cpu": server_cpu,
+            "srv_sys": server_sys,
+            "client_cpu": client_cpu,
+            "other": other,
+            "peak": peak,
+            "growth": growth,
+            "rss_before": rss_before,
+            "ok": not problems,
+            "extra": {},
         }
         self.results.append(r)
-        print(f"  {corpus:<6} {label:<40} {len(files):5d} inst {wall:8.2f} s {r['ips']:9.1f} inst/s "
-              f"{r['mibs']:7.1f} MiB/s  server cpu {server_cpu:5.2f} s (sys {server_sys:4.2f})  client cpu {client_cpu:5.2f} s  "
-              f"other {other:3.0f}%  RSS {fmt_mib(rss_before)} -> peak {fmt_mib(peak)}"
-              + ("" if not problems else "  *** FAILED"), flush=True)
+        print(
+            f"  {corpus:<6} {label:<40} {len(files):5d} inst {wall:8.2f} s {r['ips']:9.1f} inst/s "
+            f"{r['mibs']:7.1f} MiB/s  server cpu {server_cpu:5.2f} s (sys {server_sys:4.2f})  "
+            f"client cpu {client_cpu:5.2f} s  "
+            f"other {other:3.0f}%  RSS {fmt_mib(rss_before)} -> peak {fmt_mib(peak)}"
+            + ("" if not problems else "  *** FAILED"),
+            flush=True,
+        )
         for msg in problems:
             print(f"    *** {msg}", flush=True)
             self.failures.append(f"{corpus} {label}: {msg}")
@@ -528,7 +576,11 @@ class Runner:
         out = open(log, "wb")
         p = subprocess.Popen(
             pin(self.client_cores) + ["storescu", "-aec", server.aet, "127.0.0.1", str(server.port)] + listing,
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.workdir,
         )
         out.close()
         return (f"storescu#{self.seq}", p, log)
@@ -538,11 +590,16 @@ class Runner:
             chunks = [files]
         else:
             k = math.ceil(len(files) / concurrency)
-            chunks = [files[i:i + k] for i in range(0, len(files), k)]
+            chunks = [files[i : i + k] for i in range(0, len(files), k)]
         name = "storescu" if concurrency == 1 else f"{len(chunks)} x storescu"
         return self._measure(
-            server, lambda: [self._storescu(server, c, f"{corpus}-{server.name}") for c in chunks],
-            files, corpus, label or f"{name} -> {server.label}", name)
+            server,
+            lambda: [self._storescu(server, c, f"{corpus}-{server.name}") for c in chunks],
+            files,
+            corpus,
+            label or f"{name} -> {server.label}",
+            name,
+        )
 
     def harmony_scu(self, server, files, corpus):
         self.seq += 1
@@ -559,7 +616,11 @@ class Runner:
             out = open(log, "wb")
             p = subprocess.Popen(
                 pin(self.client_cores) + [PYTHON, src, "127.0.0.1", str(server.port), server.aet, listing],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=REPO,
             )
             out.close()
             return [("harmony-scu", p, log)]
@@ -573,14 +634,34 @@ class Runner:
         return r
 
 
+def fs_type(path):
+    """The filesystem type of the mount holding C{path} (from /proc/mounts)."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return f"{kind} at {best}" if best else kind
+
+
 def fmt_mib(b):
     return "-" if b is None else f"{b / MiB:.1f} MiB"
 
 
 def find(results, corpus, server=None, client=None, label=None):
     for r in results:
-        if r["corpus"] == corpus and (server is None or r["server"] == server) \
-                and (client is None or r["client"] == client) and (label is None or r["label"] == label):
+        if (
+            r["corpus"] == corpus
+            and (server is None or r["server"] == server)
+            and (client is None or r["client"] == client)
+            and (label is None or r["label"] == label)
+        ):
             return r
     return None
 
@@ -591,15 +672,36 @@ def find(results, corpus, server=None, client=None, label=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--small", type=int, default=500, help="~39 KB instances (default 500)")
     ap.add_argument("--large", type=int, default=200, help="~512 KB instances (default 200)")
-    ap.add_argument("--huge-mb", type=int, default=200,
-                    help="MiB of pixel data of the one multi-frame instance (default 200; 0 = none)")
-    ap.add_argument("--concurrency", type=int, default=10,
-                    help="simultaneous storescu associations sharing the small corpus (default 10; 0 = skip)")
+    ap.add_argument(
+        "--huge-mb",
+        type=int,
+        default=200,
+        help="MiB of pixel data of the one multi-frame instance (default 200; 0 = none)",
+    )
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=10,
+        help="simultaneous storescu associations sharing the small corpus (default 10; 0 = skip)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of every measurement, interleaved; the table shows each run's median (default 3)",
+    )
     ap.add_argument("--no-scu", action="store_true", help="skip Harmony SCU vs storescu")
+    ap.add_argument(
+        "--store-dir",
+        metavar="DIR",
+        help="parent of the servers' output directories (default: the work directory; e.g. a "
+        "tmpfs such as /dev/shm takes the filesystem's file-creation cost out of the numbers)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory (corpus, configs, logs)")
     args = ap.parse_args()
 
@@ -620,6 +722,7 @@ def main():
     env = dict(os.environ, TCP_NODELAY="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
     workdir = tempfile.mkdtemp(prefix="harmony-bench-dimse-")
+    store_root = tempfile.mkdtemp(prefix="harmony-bench-dimse-", dir=args.store_dir) if args.store_dir else workdir
     tick = os.sysconf("SC_CLK_TCK")
     servers = []
     try:
@@ -628,13 +731,21 @@ def main():
         dcmtk_version = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
         import pydicom
         import pynetdicom
-        print(f"  peers       DCMTK {dcmtk_version.strip()}; pynetdicom {pynetdicom.__version__}, "
-              f"pydicom {pydicom.__version__}")
-        print(f"  cores       {ncpu}: server under test on {server_core}, clients (storescu, Harmony SCU) and "
-              f"this driver on {client_cores}")
-        print("  env         TCP_NODELAY=1 for every child; clients connect to 127.0.0.1; storescu default "
-              "options (PDU size, proposed contexts)")
+
+        print(
+            f"  peers       DCMTK {dcmtk_version.strip()}; pynetdicom {pynetdicom.__version__}, "
+            f"pydicom {pydicom.__version__}"
+        )
+        print(
+            f"  cores       {ncpu}: server under test on {server_core}, clients (storescu, Harmony SCU) and "
+            f"this driver on {client_cores}"
+        )
+        print(
+            "  env         TCP_NODELAY=1 for every child; clients connect to 127.0.0.1; storescu default "
+            "options (PDU size, proposed contexts)"
+        )
         print(f"  workdir     {workdir}", flush=True)
+        print(f"  received    {store_root}/recv-<server> ({fs_type(store_root)}; no server fsyncs)", flush=True)
 
         # 1. corpus
         t = time.monotonic()
@@ -646,8 +757,11 @@ def main():
                 files = corpus[name]
                 total = sum(s for _, _, s in files)
                 desc.append(f"{name} {len(files)} x {total / len(files) / 1024:.0f} KiB")
-        print(f"  corpus      {', '.join(desc)} (CT_small.dcm, explicit VR LE, fresh UIDs; "
-              f"generated in {time.monotonic() - t:.1f} s)", flush=True)
+        print(
+            f"  corpus      {', '.join(desc)} (CT_small.dcm, explicit VR LE, fresh UIDs; "
+            f"generated in {time.monotonic() - t:.1f} s)",
+            flush=True,
+        )
 
         # 2. servers
         def start(name, label, argv, outdir, aet, fork=False):
@@ -661,11 +775,24 @@ def main():
         hport = free_port()
         cfg = os.path.join(workdir, "harmony.toml")
         with open(cfg, "w") as f:
-            f.write(HARMONY_CONFIG.format(storage=os.path.join(workdir, "harmony-storage"), aet=HARMONY_AET,
-                                          port=hport, received=os.path.join(workdir, "recv-harmony")))
-        harmony = Child("harmony", "Harmony SCP", pin(server_core) + [
-            twistd, "-n", "--pidfile=", "--reactor=epoll", "harmony", "-c", cfg],
-            workdir, env, os.path.join(workdir, "recv-harmony"), HARMONY_AET, hport)
+            f.write(
+                HARMONY_CONFIG.format(
+                    storage=os.path.join(workdir, "harmony-storage"),
+                    aet=HARMONY_AET,
+                    port=hport,
+                    received=os.path.join(store_root, "recv-harmony"),
+                )
+            )
+        harmony = Child(
+            "harmony",
+            "Harmony SCP",
+            pin(server_core) + [twistd, "-n", "--pidfile=", "--reactor=epoll", "harmony", "-c", cfg],
+            workdir,
+            env,
+            os.path.join(store_root, "recv-harmony"),
+            HARMONY_AET,
+            hport,
+        )
         servers.append(harmony)
         harmony.wait_port()
 
@@ -675,32 +802,59 @@ def main():
         shim_note = "wildcard bind (no gcc for the loopback shim)"
         if shutil.which("gcc") and os.path.exists(SHIM_SRC):
             shim = os.path.join(workdir, "bind_loopback.so")
-            subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", shim, SHIM_SRC, "-ldl"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["gcc", "-shared", "-fPIC", "-O2", "-o", shim, SHIM_SRC, "-ldl"], check=True, capture_output=True
+            )
             dcmtk_env = dict(env, LD_PRELOAD=shim)
             shim_note = "bound to 127.0.0.1 by the tests' LD_PRELOAD shim"
         storescp = shutil.which("storescp")
         env_saved = env
         env = dcmtk_env
         dport = free_port()
-        dcmtk = start("dcmtk", "DCMTK storescp", [storescp, "-od", os.path.join(workdir, "recv-dcmtk"), str(dport)],
-                      os.path.join(workdir, "recv-dcmtk"), OTHER_AET)
+        dcmtk = start(
+            "dcmtk",
+            "DCMTK storescp",
+            [storescp, "-od", os.path.join(store_root, "recv-dcmtk"), str(dport)],
+            os.path.join(store_root, "recv-dcmtk"),
+            OTHER_AET,
+        )
         if args.concurrency > 1 and args.small:
             fport = free_port()
-            dcmtk_fork = start("dcmtk-fork", "DCMTK storescp --fork",
-                               [storescp, "--fork", "-od", os.path.join(workdir, "recv-dcmtk-fork"), str(fport)],
-                               os.path.join(workdir, "recv-dcmtk-fork"), OTHER_AET, fork=True)
+            dcmtk_fork = start(
+                "dcmtk-fork",
+                "DCMTK storescp --fork",
+                [storescp, "--fork", "-od", os.path.join(store_root, "recv-dcmtk-fork"), str(fport)],
+                os.path.join(store_root, "recv-dcmtk-fork"),
+                OTHER_AET,
+                fork=True,
+            )
         env = env_saved
         pport = free_port()
-        pyn = start("pynetdicom", "pynetdicom storescp",
-                    [PYTHON, "-m", "pynetdicom", "storescp", "-ba", "127.0.0.1",
-                     "-od", os.path.join(workdir, "recv-pynetdicom"), str(pport)],
-                    os.path.join(workdir, "recv-pynetdicom"), OTHER_AET)
+        pyn = start(
+            "pynetdicom",
+            "pynetdicom storescp",
+            [
+                PYTHON,
+                "-m",
+                "pynetdicom",
+                "storescp",
+                "-ba",
+                "127.0.0.1",
+                "-od",
+                os.path.join(store_root, "recv-pynetdicom"),
+                str(pport),
+            ],
+            os.path.join(store_root, "recv-pynetdicom"),
+            OTHER_AET,
+        )
         for s in servers:
             print(f"  {s.name:<11} pid {s.pid} on 127.0.0.1:{s.port}: {' '.join(s.argv)}")
         print(f"              (DCMTK storescp: {shim_note})")
-        print("  harmony     one twistd process: dicom endpoint (enable_store, fsync = false, default "
-              "max_pdu_length) -> echo backend; log_level info", flush=True)
+        print(
+            "  harmony     one twistd process: dicom endpoint (enable_store, fsync = false, default "
+            "max_pdu_length) -> echo backend; log_level info",
+            flush=True,
+        )
 
         runner = Runner(workdir, env, client_cores, servers, tick)
 
@@ -712,20 +866,23 @@ def main():
         if runner.failures:
             raise BenchFailure("warm-up failed: " + "; ".join(runner.failures), [(s.name, s.log) for s in servers])
 
-        # 4. one association per corpus and server
-        single = [harmony, dcmtk, pyn]
-        for name in ("small", "large", "huge"):
-            if name in corpus:
-                for s in single:
-                    runner.storescu(s, corpus[name], name)
-        # 5. concurrent associations
-        if args.concurrency > 1 and args.small:
-            for s in (harmony, dcmtk, dcmtk_fork):
-                runner.storescu(s, corpus["small"], "small", concurrency=args.concurrency)
-        # 6. SCU: storescu vs Harmony's SCU, both -> DCMTK storescp
-        if not args.no_scu and args.small:
-            runner.storescu(dcmtk, corpus["small"], "small", label="storescu -> DCMTK storescp [SCU]")
-            runner.harmony_scu(dcmtk, corpus["small"], "small")
+        for rnd in range(1, args.repeat + 1):
+            if args.repeat > 1:
+                print(f" round {rnd} of {args.repeat}", flush=True)
+            # 4. one association per corpus and server
+            single = [harmony, dcmtk, pyn]
+            for name in ("small", "large", "huge"):
+                if name in corpus:
+                    for s in single:
+                        runner.storescu(s, corpus[name], name)
+            # 5. concurrent associations
+            if args.concurrency > 1 and args.small:
+                for s in (harmony, dcmtk, dcmtk_fork):
+                    runner.storescu(s, corpus["small"], "small", concurrency=args.concurrency)
+            # 6. SCU: storescu vs Harmony's SCU, both -> DCMTK storescp
+            if not args.no_scu and args.small:
+                runner.storescu(dcmtk, corpus["small"], "small", label="storescu -> DCMTK storescp [SCU]")
+                runner.harmony_scu(dcmtk, corpus["small"], "small")
 
         for s in servers:
             if not s.alive():
@@ -753,16 +910,42 @@ def main():
         for c in reversed(servers):
             c.stop()
         if args.keep:
-            print(f"(work directory kept: {workdir})")
+            extra = f"; received files: {store_root}" if store_root != workdir else ""
+            print(f"(work directory kept: {workdir}{extra})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            if store_root != workdir:
+                shutil.rmtree(store_root, ignore_errors=True)
+
+
+def median_runs(results):
+    """
+    One result per (corpus, label): the run with the median instances/s
+    (the lower middle one for an even count), with the spread in C{spread}.
+    """
+    groups = {}
+    for r in results:
+        groups.setdefault((r["corpus"], r["label"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        ordered = sorted(runs, key=lambda r: r["ips"])
+        m = dict(ordered[(len(ordered) - 1) // 2])
+        m["spread"] = (ordered[0]["ips"], ordered[-1]["ips"], len(ordered))
+        m["ok"] = all(r["ok"] for r in runs)
+        if m.get("growth") is not None and all(r.get("growth") is not None for r in runs):
+            m["growth"] = max(r["growth"] for r in runs)  # memory: the worst run
+            m["peak"] = max(r["peak"] for r in runs)
+        out.append(m)
+    return out
 
 
 def report(runner, servers, args):
-    results = runner.results
+    results = median_runs(runner.results)
     print()
-    hdr = (f"{'corpus':<6} {'run':<38} {'inst':>5} {'inst/s':>9} {'MiB/s':>8} {'wall s':>8} "
-           f"{'srv cpu s':>9} {'of sys':>7} {'srv cpu':>7} {'other':>6} {'peak RSS':>10} {'RSS growth':>11}")
+    hdr = (
+        f"{'corpus':<6} {'run':<38} {'inst':>5} {'inst/s':>9} {'MiB/s':>8} {'wall s':>8} "
+        f"{'srv cpu s':>9} {'of sys':>7} {'srv cpu':>7} {'other':>6} {'peak RSS':>10} {'RSS growth':>11}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -771,22 +954,34 @@ def report(runner, servers, args):
         peak = fmt_mib(r["peak"])
         if r["server"] == "dcmtk-fork":
             peak = growth = "(parent)"  # the associations run in forked children
-        print(f"{r['corpus']:<6} {r['label']:<38} {r['n']:5d} {r['ips']:9.1f} {r['mibs']:8.1f} {r['wall']:8.2f} "
-              f"{r['srv_cpu']:9.2f} {r['srv_sys']:7.2f} {cpu_pct:6.0f}% {r['other']:5.0f}% {peak:>10} {growth:>11}"
-              + ("" if r["ok"] else "  FAILED"))
-    print("(inst/s, MiB/s: instances and Part 10 file bytes / client wall time; srv cpu s: server process "
-          "utime+stime during the run (DCMTK --fork: + reaped children), of sys: its stime part; srv cpu: as % of "
-          "the wall time; other: machine busy CPU outside "
-          "the benchmark's processes, % of one core; peak RSS: server VmHWM during the run (reset before it); "
-          "RSS growth: that peak minus VmRSS before the run)")
+        print(
+            f"{r['corpus']:<6} {r['label']:<38} {r['n']:5d} {r['ips']:9.1f} {r['mibs']:8.1f} {r['wall']:8.2f} "
+            f"{r['srv_cpu']:9.2f} {r['srv_sys']:7.2f} {cpu_pct:6.0f}% {r['other']:5.0f}% {peak:>10} {growth:>11}"
+            + (f"  [{r['spread'][0]:.0f}..{r['spread'][1]:.0f}]" if r["spread"][2] > 1 else "")
+            + ("" if r["ok"] else "  FAILED")
+        )
+    if args.repeat > 1:
+        print(
+            f"(each row: the run with the median inst/s of {args.repeat} rounds, [min..max inst/s] after it; "
+            f"peak RSS and RSS growth: the worst round)"
+        )
+    print(
+        "(inst/s, MiB/s: instances and Part 10 file bytes / client wall time; srv cpu s: server process "
+        "utime+stime during the run (DCMTK --fork: + reaped children), of sys: its stime part; srv cpu: as % of "
+        "the wall time; other: machine busy CPU outside "
+        "the benchmark's processes, % of one core; peak RSS: server VmHWM during the run (reset before it); "
+        "RSS growth: that peak minus VmRSS before the run)"
+    )
     startup = [f"{s.name} {fmt_mib(read_status(s.pid, 'VmRSS'))}" for s in servers if s.alive()]
     print(f"(server VmRSS at the end: {', '.join(startup)})")
     scu = find(results, "small", client="harmony SCU")
     if scu and scu["extra"]:
         x = scu["extra"]
-        print(f"(Harmony SCU process: {x.get('headers_s', 0):.3f} s reading file headers, "
-              f"{x.get('association_s', 0):.3f} s from connect to release; the rest of its "
-              f"{scu['wall']:.2f} s wall time is Python start-up and imports)")
+        print(
+            f"(Harmony SCU process: {x.get('headers_s', 0):.3f} s reading file headers, "
+            f"{x.get('association_s', 0):.3f} s from connect to release; the rest of its "
+            f"{scu['wall']:.2f} s wall time is Python start-up and imports)"
+        )
 
     print("\nRatios (throughput, instances/s; higher is better for Harmony):")
     verdicts = []
@@ -816,31 +1011,39 @@ def report(runner, servers, args):
     if scu and base:
         x = scu["extra"]
         work = x.get("headers_s", 0) + x.get("association_s", 0)
-        print(f"  small  Harmony SCU / storescu, process wall time = {base['wall'] / scu['wall']:6.2f}"
-              f"   (includes Python start-up and imports)")
+        print(
+            f"  small  Harmony SCU / storescu, process wall time = {base['wall'] / scu['wall']:6.2f}"
+            f"   (includes Python start-up and imports)"
+        )
         if work:
             ratio = base["wall"] / work
             ok = ratio >= 1.0
             verdicts.append(ok)
-            print(f"  small  Harmony SCU / storescu, SCU work (headers + connect..release) vs storescu process = "
-                  f"{ratio:6.2f}   target >= 1.0x: {'REACHED' if ok else 'NOT REACHED'}")
+            print(
+                f"  small  Harmony SCU / storescu, SCU work (headers + connect..release) vs storescu process = "
+                f"{ratio:6.2f}   target >= 1.0x: {'REACHED' if ok else 'NOT REACHED'}"
+            )
 
     hh = find(results, "huge", server="harmony")
     if hh and hh["growth"] is not None:
         ok = hh["growth"] <= HUGE_RSS_LIMIT_MIB * MiB
         verdicts.append(ok)
-        print(f"\nHuge instance ({hh['bytes'] / MiB:.0f} MiB): Harmony RSS {fmt_mib(hh['rss_before'])} before, "
-              f"peak {fmt_mib(hh['peak'])} during: growth {hh['growth'] / MiB:+.1f} MiB "
-              f"(target <= {HUGE_RSS_LIMIT_MIB} MiB): {'REACHED' if ok else 'NOT REACHED'}")
+        print(
+            f"\nHuge instance ({hh['bytes'] / MiB:.0f} MiB): Harmony RSS {fmt_mib(hh['rss_before'])} before, "
+            f"peak {fmt_mib(hh['peak'])} during: growth {hh['growth'] / MiB:+.1f} MiB "
+            f"(target <= {HUGE_RSS_LIMIT_MIB} MiB): {'REACHED' if ok else 'NOT REACHED'}"
+        )
         for other in ("dcmtk", "pynetdicom"):
             o = find(results, "huge", server=other)
             if o and o["growth"] is not None:
                 print(f"  for comparison, {o['label'].split('-> ')[-1]}: growth {o['growth'] / MiB:+.1f} MiB")
     noisy = max((r["other"] for r in results), default=0)
     if noisy > OTHER_CPU_WARN:
-        print(f"WARNING: up to {noisy:.0f}% of a core was busy outside the benchmark's processes during a run: "
-              f"numbers may be low and noisy; re-run on a quiet machine (the script syncs the page cache "
-              f"before each run, but a run's own writeback can still show up here).")
+        print(
+            f"WARNING: up to {noisy:.0f}% of a core was busy outside the benchmark's processes during a run: "
+            f"numbers may be low and noisy; re-run on a quiet machine (the script syncs the page cache "
+            f"before each run, but a run's own writeback can still show up here)."
+        )
     if (args.small, args.large, args.huge_mb) != (500, 200, 200):
         print(f"(note: non-default corpus: --small {args.small} --large {args.large} --huge-mb {args.huge_mb})")
     if verdicts:
