@@ -16,7 +16,7 @@ Everything runs on 127.0.0.1 with free ports, in one go:
     chunks, never whole in memory);
  2. three servers, each alone on the server core: Harmony
     (C{twistd harmony}, a C{dicom} endpoint with C{enable_store}, fsync
-    off, an C{echo} backend), DCMTK C{storescp -od DIR} and
+    off, a store-only pipeline: no backend), DCMTK C{storescp -od DIR} and
     C{python -m pynetdicom storescp PORT -od DIR};
  3. each corpus sent to each server by one C{storescu} (one association),
     then the small corpus split over C{--concurrency} simultaneous
@@ -79,10 +79,10 @@ log_to_file = false
 path = "{storage}"
 
 [pipelines.dicom_in]
-description = "Benchmark: C-STORE SCP -> echo"
+description = "Benchmark: store-only C-STORE SCP (like storescp -od)"
 endpoints = ["scp"]
 middleware = []
-backends = ["sink"]
+backends = []
 
 [endpoints.scp]
 service = "dicom"
@@ -93,9 +93,6 @@ port = {port}
 enable_store = true
 storage_dir = "{received}"
 fsync = false
-
-[backends.sink]
-service = "echo"
 """
 
 SCU_SRC = r'''
@@ -852,7 +849,7 @@ def main():
         print(f"              (DCMTK storescp: {shim_note})")
         print(
             "  harmony     one twistd process: dicom endpoint (enable_store, fsync = false, default "
-            "max_pdu_length) -> echo backend; log_level info",
+            "max_pdu_length), store-only pipeline (no backend); log_level info",
             flush=True,
         )
 

@@ -163,6 +163,10 @@ class PipelineExecutor:
 
         @return: Deferred[ResponseEnvelope]
         """
+        if not self.backends:
+            # A DICOM-only pipeline without backends: the endpoint did the
+            # work (a store-only SCP); nothing to forward.
+            return defer.succeed(ResponseEnvelope(status=200))
         backend = self.backends[i]
         try:
             d = backend.handle(envelope)

@@ -114,6 +114,33 @@ class Stream:
         return stream
 
     @classmethod
+    def from_path(cls, path, length=None, chunk_size=64 * 1024):
+        """
+        A lazy stream over a file that is opened only when the consumer
+        first reads (nothing is opened for a consumer that never reads).
+        """
+        state = {}
+
+        def pull():
+            f = state.get("file")
+            if f is None:
+                f = state["file"] = open(path, "rb")
+            chunk = f.read(chunk_size)
+            if not chunk:
+                f.close()
+                return EOF
+            return chunk
+
+        def close():
+            f = state.get("file")
+            if f is not None:
+                f.close()
+
+        stream = cls(length=length, pull=pull)
+        stream._on_cancel = close
+        return stream
+
+    @classmethod
     def from_iterable(cls, items):
         """
         A lazy stream over an in-memory iterable (used by tests and small

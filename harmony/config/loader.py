@@ -354,8 +354,6 @@ def _pipeline_entry(name, entry, where, networks, endpoints, backends, middlewar
     for i, be in enumerate(entry.backends):
         if be not in backends:
             raise where.child("backends").child(i).error(_missing("backend", be, backends))
-    if not entry.backends:
-        raise where.child("backends").error("a pipeline needs at least one backend")
     for i, net in enumerate(entry.networks):
         if net not in networks:
             raise where.child("networks").child(i).error(_missing("network", net, networks))
@@ -370,6 +368,10 @@ def _pipeline_entry(name, entry, where, networks, endpoints, backends, middlewar
         raise where.child("networks").error(
             f"endpoint {http_endpoints[0]!r} serves HTTP: the pipeline must list the networks it listens on"
         )
+    if not entry.backends and http_endpoints:
+        # Only DICOM endpoints may go without one: they store and answer
+        # themselves (a store-only SCP).
+        raise where.child("backends").error("a pipeline with HTTP endpoints needs at least one backend")
 
     request_mw, response_mw = [], []
     mw = entry.middleware

@@ -8,6 +8,7 @@ C-STORE-RSP is Success only when the file is written and the pipeline
 succeeded; otherwise a PS3.4 failure status with an Error Comment.
 """
 
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 
 from harmony.dimse import messages
@@ -42,6 +43,49 @@ class StoreService:
         self.layout = layout
         self.fsync = fsync
         self.pipeline = pipeline
+        self._spares = {}
+        self._hooked = set()
+
+    # -- spare writers: the next instance's temporary file is created in the
+    # -- thread pool while the peer prepares that instance.
+
+    def take_writer(self, association):
+        spare = self._spares.pop(association, None)
+        if spare is not None and not isinstance(spare, defer.Deferred):
+            return spare
+        # Not ready yet: it is aborted when it is (see prepare_writer).
+        return self.storage.open_writer(fsync=self.fsync)
+
+    def prepare_writer(self, association):
+        prepare = getattr(self.storage, "prepare_writer", None)
+        if prepare is None or association._closed or association in self._spares:
+            return
+        if association not in self._hooked:
+            self._hooked.add(association)
+            association.ended.addBoth(self._drop_spare, association)
+        d = prepare(fsync=self.fsync)
+        self._spares[association] = d
+
+        def ready(writer):
+            if self._spares.get(association) is d and not association._closed:
+                self._spares[association] = writer
+            else:
+                writer.abort()
+
+        def failed(failure):
+            if self._spares.get(association) is d:
+                del self._spares[association]
+            if not failure.check(defer.CancelledError):
+                log.warn("Preparing a storage file failed: {error}", error=failure.getErrorMessage())
+
+        d.addCallbacks(ready, failed)
+
+    def _drop_spare(self, result, association):
+        self._hooked.discard(association)
+        spare = self._spares.pop(association, None)
+        if spare is not None and not isinstance(spare, defer.Deferred):
+            spare.abort()
+        return result
 
     def start(self, association, context, command):
         operation = _StoreOperation(self, association, context, command)
@@ -133,7 +177,7 @@ class _StoreOperation:
             self.fail(dimse_status.CANNOT_UNDERSTAND, "Invalid SOP Class or Instance UID in the command")
             return False
         try:
-            self._writer = self.service.storage.open_writer(fsync=self.service.fsync)
+            self._writer = self.service.take_writer(self.association)
         except OSError as e:
             log.error("Cannot create a stored instance: {error}", error=e.strerror)
             self.fail(dimse_status.OUT_OF_RESOURCES, "Storage unavailable")
@@ -208,7 +252,8 @@ class _StoreOperation:
             sop_class_uid=self.sop_class_uid,
             sop_instance_uid=self.sop_instance_uid,
             transfer_syntax=self.transfer_syntax,
-            data=self.service.storage.read(stored.relpath),
+            # Opened only if a consumer reads it.
+            data=Stream.from_path(stored.path, stored.size) if stored.path else self.service.storage.read(stored.relpath),
             size=stored.size,
             path=stored.path,
         )
@@ -259,4 +304,5 @@ class _StoreOperation:
             comment = comment[:64]  # Error Comment is LO (PS3.7 C.4.2.1.3)
         rsp = messages.store_rsp(self.message_id, self.sop_class_uid, self.sop_instance_uid, status, comment)
         association.send_message(self.context.id, rsp)
+        self.service.prepare_writer(association)
 

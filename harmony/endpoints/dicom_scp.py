@@ -163,8 +163,10 @@ class DicomScpEndpoint:
             storage = FilesystemStorage(self.storage_dir(), reactor=reactor)
             storage.setName(f"storage:{self.name}")
             services.append(storage)
+            # A pipeline with neither middleware nor backends only stores.
+            busy = executor.backends or executor.request_chain or executor.response_chain
             handlers[messages.C_STORE_RQ] = StoreService(
-                storage, options.storage_layout, options.fsync, pipeline=(executor, self)
+                storage, options.storage_layout, options.fsync, pipeline=(executor, self) if busy else None
             )
         factory = DicomServerFactory(reactor, self.policy(), settings, handlers, enable_echo=options.enable_echo)
         description = f"tcp:port={options.port}:interface={endpoints.quoteStringArgument(options.bind_addr)}"

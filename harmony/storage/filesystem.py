@@ -21,6 +21,7 @@ the storage's thread pool through C{deferToThreadPool}.
 
 import errno
 import hashlib
+import itertools
 import os
 import re
 import threading
@@ -310,6 +311,8 @@ class FilesystemStorage(Service):
             self._owns_pool = False
         self.threadpool = threadpool
         self._temp_root = os.path.join(self.root, TEMP_DIR)
+        self._temp_prefix = os.urandom(6).hex()
+        self._temp_counter = itertools.count()
         # The root and any missing parents (a fresh machine), then .tmp.
         _makedirs(self._temp_root, os.path.dirname(os.path.abspath(os.sep)))
 
@@ -341,7 +344,8 @@ class FilesystemStorage(Service):
         _fsync_dir(path)
 
     def _new_temp_path(self):
-        return os.path.join(self._temp_root, ".w-" + os.urandom(12).hex())
+        # A per-process random prefix and a counter (O_EXCL guards clashes).
+        return os.path.join(self._temp_root, f".w-{self._temp_prefix}-{next(self._temp_counter)}")
 
     def _path(self, relpath):
         return os.path.join(self.root, *split_relpath(relpath))
@@ -351,6 +355,17 @@ class FilesystemStorage(Service):
     def open_writer(self, relpath=None, fsync=False, sha256=False):
         path = None if relpath is None else self._path(relpath)
         return FileWriter(self, relpath, path, fsync=fsync, sha256=sha256)
+
+    def prepare_writer(self, fsync=False, sha256=False):
+        """
+        A writer without a relpath (given at commit), its temporary file
+        created in the thread pool: file creation costs a journal update,
+        which a caller that knows it will need a writer soon (the C-STORE
+        SCP, between instances) keeps off its critical path this way.
+
+        @return: Deferred[L{FileWriter}]
+        """
+        return self._in_thread(FileWriter, self, None, None, fsync=fsync, sha256=sha256)
 
     def write_stream(self, relpath, source, fsync=False, sha256=False):
         path = self._path(relpath)

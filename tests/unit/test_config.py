@@ -1149,7 +1149,7 @@ def test_middleware_chain_built_in_gateway(tmp_path):
         ('endpoints = ["api_in"]', "endpoints = []", "pipelines.api.endpoints",
          "a pipeline needs at least one endpoint"),
         ('backends = ["api_out"]', "backends = []", "pipelines.api.backends",
-         "a pipeline needs at least one backend"),
+         "a pipeline with HTTP endpoints needs at least one backend"),
         ('endpoints = ["api_in"]\n', "", "pipelines.api.endpoints", "required key is missing"),
         ('backends = ["api_out"]\n', "", "pipelines.api.backends", "required key is missing"),
         ('networks = ["main"]\n', "", "pipelines.api.networks",

@@ -390,8 +390,15 @@ def test_storage_dir_without_config(tmp_path, monkeypatch):
 
 
 class FakeExecutor:
-    def __init__(self, response=None):
+    """
+    A pipeline with one backend and no middleware (what StoreService sees).
+    """
+
+    request_chain = response_chain = ()
+
+    def __init__(self, response=None, backends=("pacs",)):
         self.response = response or ResponseEnvelope(status=200)
+        self.backends = backends
         self.calls = []
 
     def execute(self, endpoint, envelope):
@@ -467,10 +474,12 @@ def test_services_echo_only(tmp_path):
     assert not os.path.exists(os.path.join(str(tmp_path), "tmp"))
 
 
-def test_services_factory_serves(tmp_path):
+@pytest.mark.parametrize("backends", [("pacs",), ()])
+def test_services_factory_serves(tmp_path, backends):
     """
     The factory built by services() stores a C-STORE through the endpoint's
-    pipeline (driven in memory, the listener never started).
+    pipeline (driven in memory, the listener never started); a pipeline
+    without middleware and backends only stores.
     """
     endpoint = make(
         tmp_path,
@@ -481,7 +490,7 @@ def test_services_factory_serves(tmp_path):
         """,
     )
     reactor = MemoryReactorClock()
-    executor = FakeExecutor()
+    executor = FakeExecutor(backends=backends)
     storage, listener = endpoint.services(executor, reactor)
     path = get_testdata_file("CT_small.dcm", download=False)
     ds = pydicom.dcmread(path)
@@ -512,9 +521,12 @@ def test_services_factory_serves(tmp_path):
     stored = os.path.join(storage.root, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID + ".dcm")
     assert os.path.isfile(stored)
     assert pydicom.dcmread(stored) == ds
-    [(called_endpoint, envelope)] = executor.calls
-    assert called_endpoint is endpoint
-    assert envelope.dicom.calling_aet == "MODALITY"
+    if backends:
+        [(called_endpoint, envelope)] = executor.calls
+        assert called_endpoint is endpoint
+        assert envelope.dicom.calling_aet == "MODALITY"
+    else:
+        assert executor.calls == []
     released = []
     association.release().addBoth(released.append)
     pump.flush()
