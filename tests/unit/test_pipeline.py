@@ -378,3 +378,16 @@ class CancellationTests(_Base):
         # neither a response hook nor an error rendering ran
         self.assertNotIn(("response", "a"), self.log)
         self.assertEqual(self.endpoint.errors, [])
+
+
+class NoBackendTests(_Base):
+    def test_dicom_only_pipeline_without_backends_answers_200(self):
+        # A store-only DICOM pipeline: middleware still runs, nothing is forwarded.
+        a = self.middleware("a")
+        response = self.run_pipeline(self.executor([a], backends=[]))
+        self.assertEqual(response.status, 200)
+        self.assertIsNone(response.body)
+        self.assertEqual(
+            self.log,
+            [("incoming", "ep"), ("request", "a"), ("response", "a"), ("outgoing", "ep")],
+        )
