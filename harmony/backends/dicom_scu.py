@@ -55,7 +55,6 @@ OPTIONS = Schema(
         "max_pdu_length": Field(Int(min=0, max=0xFFFFFFFF), 131072),
         "timeout_secs": Field(Number(min=0.001), 30.0, "DIMSE response timeout"),
         "connect_timeout_secs": Field(Number(min=0.001), 10.0, "TCP connect + association"),
-        "max_body_size": Field(Int(min=1), 512 * 1024 * 1024, "largest HTTP store body (bytes)"),
     }
 )
 
@@ -152,7 +151,8 @@ class DicomScuBackend:
         return ResponseEnvelope.json(200 if ok else 502, body)
 
     async def _http_store(self, envelope):
-        data = await collect(envelope.body, self.options.max_body_size)
+        # Bounded already: the HTTP side enforces [proxy.content_limits].
+        data = await collect(envelope.body)
         ctype = envelope.content_type
         parts = _dicom_parts(ctype, data)
         instances = []
