@@ -7,16 +7,27 @@ layer.
     assoc = await client.associate("127.0.0.1", 104, "PACS", [(VERIFICATION, [IMPLICIT_LE])])
     status = await assoc.echo()
     await assoc.release()
+
+C-FIND streams its matches as they arrive:
+
+    find = assoc.find(identifier, model="study")
+    async for match in find.matches:     # pydicom Datasets
+        ...
+    status = await find.result           # the final DimseStatus
 """
 
 import struct
+import zlib
 
 import attr
 from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
+from zope.interface import implementer
 
 from harmony import __version__
 from harmony.dimse import messages, pdu
+from harmony.dimse import status as dimse_status
 from harmony.dimse.association import (
     Association,
     AssociationAborted,
@@ -25,6 +36,7 @@ from harmony.dimse.association import (
 )
 from harmony.dimse.negotiation import NegotiationError, build_contexts, negotiate_as_requestor
 from harmony.logs import logger
+from harmony.streams import Stream
 
 log = logger("harmony.dimse.scu")
 
@@ -35,6 +47,22 @@ IMPLEMENTATION_VERSION_NAME = f"HARMONY_{__version__}"[:16]
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+#: Query/Retrieve information models for C-FIND (PS3.4 C.6).
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+FIND_MODELS = {"patient": PATIENT_ROOT_FIND, "study": STUDY_ROOT_FIND}
+
+#: C-FIND statuses (PS3.4 C.4.1.1.4, PS3.7 C).
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01
+CANCEL = 0xFE00
+
+#: The largest identifier accepted in one C-FIND response; a larger one
+#: aborts the association (identifiers are a few hundred bytes).
+MAX_IDENTIFIER_LENGTH = 16 * 1024 * 1024
 
 
 class DimseTimeout(Exception):
@@ -58,6 +86,30 @@ class DimseStatus:
     def ok(self):
         return self.status == 0x0000
 
+    @property
+    def failed(self):
+        """
+        C{True} for a failure status (not success, warning, cancel or
+        pending).
+        """
+        return dimse_status.is_failure(self.status)
+
+    @property
+    def warning(self):
+        return self.status == 0x0001 or (self.status & 0xF000) == 0xB000
+
+    @property
+    def cancelled(self):
+        return self.status == CANCEL
+
+
+class InvalidResponse(Exception):
+    """
+    The peer sent a response Harmony cannot use (an identifier that is too
+    large or does not decode, a status missing); the association was
+    aborted.
+    """
+
 
 class _ClientUser:
     """
@@ -77,8 +129,8 @@ class _ClientUser:
         self._ca._response(command)
 
     def fragment(self, association, fragment):
-        # C-ECHO/C-STORE responses carry no data set.
-        association.abort(2, 0)
+        # Only C-FIND responses carry a data set here; any other is aborted.
+        self._ca._fragment(fragment)
 
     def release_requested(self, association):
         pass
@@ -109,6 +161,8 @@ class ClientAssociation:
         self._dimse_timeout = dimse_timeout
         self._ready = defer.Deferred()
         self._pending = {}
+        self._operations = {}  # message ID -> FindOperation (several responses)
+        self._receiving = None  # who takes the data set fragments now
         self._next_id = 0
         self.association = None
         self.contexts = {}
@@ -138,10 +192,35 @@ class ClientAssociation:
             if timer.active():
                 timer.cancel()
             d.errback(error)
+        self._receiving = None
+        operations, self._operations = self._operations, {}
+        for operation in operations.values():
+            operation._failed(error)
+
+    def _ended(self, result):
+        # The connection is gone.  After our own A-ABORT (a DIMSE timeout,
+        # the idle timer, a protocol error) no indication comes back: what
+        # is still pending fails now.
+        if self._pending or self._operations:
+            self._fail(AssociationAborted(message="the association ended"))
+        return result
+
+    def _protocol_error(self, message):
+        """
+        Abort the association for a peer's protocol error; what is pending
+        fails with L{AssociationAborted}.
+        """
+        log.warn("DIMSE protocol error from the peer: {error}; aborting", error=message)
+        self.association.abort(2, 0)
+        self._fail(AssociationAborted(2, 0, message))
 
     def _response(self, command):
         fields = command.fields
         message_id = fields.get("MessageIDBeingRespondedTo")
+        operation = self._operations.get(message_id)
+        if operation is not None:
+            operation._response(command)
+            return
         entry = self._pending.pop(message_id, None)
         if entry is None:
             log.warn("Response to unknown message {id}: aborting", id=message_id)
@@ -151,6 +230,15 @@ class ClientAssociation:
         if timer.active():
             timer.cancel()
         d.callback(DimseStatus(fields.get("Status", 0xC000), fields.get("ErrorComment"), fields))
+
+    def _fragment(self, fragment):
+        receiver = self._receiving
+        if receiver is None:
+            self._protocol_error("a data set nobody expects")
+            return
+        if fragment.last:
+            self._receiving = None
+        receiver.fragment(fragment.data, fragment.last)
 
     # -- requests -----------------------------------------------------------
 
@@ -250,6 +338,49 @@ class ClientAssociation:
             move_originator=move_originator,
         )
 
+    def find(self, identifier, model="study", priority=0, high_water=256):
+        """
+        C-FIND (PS3.4 C.4.1, PS3.7 9.1.2).
+
+        @param identifier: a pydicom C{Dataset} with QueryRetrieveLevel and
+            the keys to match and return; encoded in the transfer syntax of
+            the accepted context.
+        @param model: C{"study"} (Study Root), C{"patient"} (Patient Root)
+            or the SOP class UID of another C-FIND information model.
+        @param priority: 0 medium, 1 high, 2 low.
+        @param high_water: matches buffered before reading from the peer is
+            paused (see L{FindOperation}).
+        @raise LookupError: no accepted context for the model.
+        @raise ValueError: an unknown model, no QueryRetrieveLevel, or an
+            identifier that cannot be encoded.
+        @rtype: L{FindOperation}
+        """
+        sop_class = FIND_MODELS.get(model, model)
+        if "." not in sop_class:
+            raise ValueError(f"unknown C-FIND model {model!r} (expected one of {sorted(FIND_MODELS)} or a UID)")
+        if "QueryRetrieveLevel" not in identifier:
+            raise ValueError("a C-FIND identifier needs a QueryRetrieveLevel")
+        context = self.context_for(sop_class)
+        data = encode_identifier(identifier, context.transfer_syntax)
+        fields = {
+            "AffectedSOPClassUID": sop_class,
+            "CommandField": messages.C_FIND_RQ,
+            "MessageID": self._message_id(),
+            "Priority": priority,
+            "CommandDataSetType": messages.DATASET_PRESENT,
+        }
+        operation = FindOperation(self, context, fields["MessageID"], high_water)
+        if self._error is not None:
+            operation._failed(self._error)
+        elif self.association._closed:
+            operation._failed(AssociationAborted(message="the association has ended"))
+        else:
+            self._operations[operation.message_id] = operation
+            operation._start_timer()
+            sent = self.association.send_message(context.id, messages.encode_command(fields), data)
+            sent.addErrback(lambda f: self._fail(f.value) if not operation._done else None)
+        return operation
+
     def release(self):
         """
         Orderly release.
@@ -264,6 +395,271 @@ class ClientAssociation:
         # pending now rather than at its DIMSE timeout.
         self._fail(AssociationAborted(0, 0, "association aborted by this side"))
         return self.association.ended
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    The producer a find's matches stream pauses: reading from the
+    association's transport, and the operation's DIMSE timer with it (the
+    wait is ours, not the peer's).  A consumer that cancels the stream
+    cancels the find (C-CANCEL-RQ).
+    """
+
+    def __init__(self, operation):
+        self._operation = operation
+        self.paused = False
+
+    def _transport(self):
+        association = self._operation._ca.association
+        return None if association is None else association.transport
+
+    def pauseProducing(self):
+        operation = self._operation
+        if operation._done or self.paused:
+            return
+        self.paused = True
+        operation._stop_timer()
+        transport = self._transport()
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resumeProducing(self):
+        if not self.paused:
+            return
+        self.paused = False
+        transport = self._transport()
+        if transport is not None:
+            transport.resumeProducing()
+        if not self._operation._done:
+            self._operation._start_timer()
+
+    def stopProducing(self):
+        self.resumeProducing()
+        self._operation.cancel()
+
+
+class FindOperation:
+    """
+    One C-FIND in progress.
+
+    @ivar matches: a L{Stream} of pydicom C{Dataset}s, one per pending
+        response (0xFF00/0xFF01) in the order received, delivered as each
+        arrives (a pending response without an identifier delivers
+        nothing).  It finishes when the final response arrives (whatever its
+        status: look at L{result}) and fails when the association is
+        aborted or the DIMSE timeout expires.  At most C{high_water}
+        matches are buffered for a slow consumer: then reading from the
+        association is paused (and with it everything else on that
+        association) until the consumer catches up.  Cancelling the stream
+        cancels the find.
+    @ivar result: Deferred[L{DimseStatus}] firing with the final status:
+        success 0x0000, cancel 0xFE00, a warning or a failure status (not
+        an errback); it fails with L{DimseTimeout}, L{AssociationAborted} or
+        L{InvalidResponse}.
+    @ivar message_id: the C-FIND-RQ's message ID.
+    @ivar context: the presentation context used.
+    """
+
+    def __init__(self, client_association, context, message_id, high_water=256):
+        self._ca = client_association
+        self.context = context
+        self.message_id = message_id
+        self.matches = Stream(high_water=high_water)
+        self._backpressure = _Backpressure(self)
+        self.matches.attach_producer(self._backpressure)
+        self.result = defer.Deferred()
+        self.cancel_requested = False
+        self._done = False
+        self._timer = None
+        self._identifier = None
+
+    # -- the DIMSE timer --------------------------------------------------
+
+    def _start_timer(self):
+        if self._done or self._backpressure.paused:
+            return
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self._ca._dimse_timeout)
+        else:
+            self._timer = self._ca._client.reactor.callLater(self._ca._dimse_timeout, self._timed_out)
+
+    def _stop_timer(self):
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timed_out(self):
+        self._timer = None
+        if self._done:
+            return
+        ca = self._ca
+        ca._operations.pop(self.message_id, None)
+        if ca._receiving is self:
+            ca._receiving = None
+        self._failed(DimseTimeout(f"no C-FIND response to message {self.message_id} in {ca._dimse_timeout}s"))
+        ca.association.abort(0, 0)
+        ca._fail(AssociationAborted(0, 0, "association aborted after a DIMSE timeout"))
+
+    # -- responses ----------------------------------------------------------
+
+    def _response(self, command):
+        ca = self._ca
+        fields = command.fields
+        status = fields.get("Status")
+        if fields.get("CommandField") != messages.C_FIND_RSP or status is None:
+            ca._protocol_error("a response to a C-FIND that is not a C-FIND-RSP with a status")
+            return
+        if status in (PENDING, PENDING_WARNING):
+            self._start_timer()
+            if command.has_dataset:
+                self._identifier = bytearray()
+                ca._receiving = self
+            return
+        # The final response.
+        ca._operations.pop(self.message_id, None)
+        if command.has_dataset:
+            ca._receiving = _DISCARD
+        self._end(DimseStatus(status, fields.get("ErrorComment"), fields))
+
+    def fragment(self, data, last):
+        buffer = self._identifier
+        buffer += data
+        if len(buffer) > MAX_IDENTIFIER_LENGTH:
+            self._identifier = None
+            self._invalid(f"C-FIND response identifier larger than {MAX_IDENTIFIER_LENGTH} bytes")
+            return
+        if not last:
+            self._start_timer()
+            return
+        self._identifier = None
+        try:
+            match = decode_identifier(buffer, self.context.transfer_syntax)
+        except Exception as e:
+            self._invalid(f"C-FIND response identifier does not decode: {e.__class__.__name__}")
+            return
+        if not self._done:
+            self.matches.write(match)
+
+    def _invalid(self, message):
+        ca = self._ca
+        ca._operations.pop(self.message_id, None)
+        self._failed(InvalidResponse(message))
+        ca._protocol_error(message)
+
+    # -- ending ---------------------------------------------------------------
+
+    def _end(self, status):
+        if self._done:
+            return
+        self._done = True
+        self._stop_timer()
+        self._backpressure.resumeProducing()
+        self.matches.finish()
+        self.result.callback(status)
+
+    def _failed(self, error):
+        if self._done:
+            return
+        self._done = True
+        self._stop_timer()
+        self._backpressure.resumeProducing()
+        self.matches.fail(error)
+        self.result.errback(error)
+
+    # -- requests -------------------------------------------------------------
+
+    def cancel(self):
+        """
+        Send a C-CANCEL-RQ for this find (once; nothing when it has ended).
+        The operation then ends with the peer's final status (0xFE00, or
+        whatever it answers); matches that still arrive are delivered.
+        """
+        if self._done or self.cancel_requested:
+            return
+        self.cancel_requested = True
+        ca = self._ca
+        if ca._error is not None or ca.association is None or ca.association._closed:
+            return
+        fields = {
+            "CommandField": messages.C_CANCEL_RQ,
+            "MessageIDBeingRespondedTo": self.message_id,
+            "CommandDataSetType": messages.NO_DATASET,
+        }
+        sent = ca.association.send_message(self.context.id, messages.encode_command(fields))
+        sent.addErrback(lambda f: ca._fail(f.value))
+
+
+class _Discard:
+    """
+    Takes the data set of a final response, which nobody needs.
+    """
+
+    def fragment(self, data, last):
+        pass
+
+
+_DISCARD = _Discard()
+
+
+def encode_identifier(dataset, transfer_syntax):
+    """
+    Encode a query identifier with pydicom in C{transfer_syntax} (implicit
+    or explicit VR little endian, explicit VR big endian or deflated).
+
+    @raise ValueError: another transfer syntax, or pydicom cannot encode it.
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    implicit, little, deflated = _encoding(transfer_syntax)
+    fp = DicomBytesIO()
+    fp.is_little_endian = little
+    fp.is_implicit_VR = implicit
+    try:
+        write_dataset(fp, dataset)
+    except Exception as e:
+        raise ValueError(f"cannot encode the identifier: {e}") from e
+    data = fp.getvalue()
+    if deflated:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+    return data
+
+
+def decode_identifier(data, transfer_syntax):
+    """
+    Decode an identifier (bytes) with pydicom from C{transfer_syntax}.
+
+    @rtype: pydicom C{Dataset}
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    implicit, little, deflated = _encoding(transfer_syntax)
+    data = bytes(data)
+    if deflated:
+        decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = decompressor.decompress(data, MAX_IDENTIFIER_LENGTH + 1)
+        if len(data) > MAX_IDENTIFIER_LENGTH:
+            raise ValueError("deflated identifier too large")
+    return read_dataset(DicomBytesIO(data), implicit, little)
+
+
+def _encoding(transfer_syntax):
+    """
+    C{(implicit VR, little endian, deflated)} of a native transfer syntax.
+    """
+    try:
+        return {
+            IMPLICIT_VR_LITTLE_ENDIAN: (True, True, False),
+            EXPLICIT_VR_LITTLE_ENDIAN: (False, True, False),
+            EXPLICIT_VR_BIG_ENDIAN: (False, False, False),
+            DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN: (False, True, True),
+        }[transfer_syntax]
+    except KeyError:
+        raise ValueError(f"identifiers cannot be encoded in transfer syntax {transfer_syntax}") from None
 
 
 @attr.s(frozen=True)
@@ -380,6 +776,7 @@ class DicomClient:
         def build():
             association = Association(True, _ClientUser(ca), self.reactor, self.settings, rq)
             ca.association = association
+            association.ended.addCallback(ca._ended)
             return association
 
         endpoint = endpoints.TCP4ClientEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
