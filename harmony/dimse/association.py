@@ -118,6 +118,7 @@ class Association(Protocol):
         self._idle = None
         self._closed = False
         self._ac = None
+        self._reading_paused = False
 
     # -- transport events -------------------------------------------------
 
@@ -271,6 +272,8 @@ class Association(Protocol):
         self._artim = None
 
     def _touch(self):
+        if self._reading_paused:
+            return
         settings = self.settings
         timeout = settings.idle_timeout
         if settings.dimse_timeout and self.assembler.in_progress:
@@ -293,6 +296,30 @@ class Association(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+
+    # -- flow control -------------------------------------------------------
+
+    def pause_reading(self):
+        """
+        Stop reading from the peer (a consumer is behind); the idle timer is
+        suspended meanwhile: the wait is ours, not the peer's.
+        """
+        if self._reading_paused:
+            return
+        self._reading_paused = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        if self.transport is not None and not self._closed:
+            self.transport.pauseProducing()
+
+    def resume_reading(self):
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self.transport is not None and not self._closed:
+            self.transport.resumeProducing()
+            self._touch()
 
     # -- user requests ------------------------------------------------------
 

@@ -410,9 +410,8 @@ class _Backpressure:
         self._operation = operation
         self.paused = False
 
-    def _transport(self):
-        association = self._operation._ca.association
-        return None if association is None else association.transport
+    def _association(self):
+        return self._operation._ca.association
 
     def pauseProducing(self):
         operation = self._operation
@@ -420,17 +419,17 @@ class _Backpressure:
             return
         self.paused = True
         operation._stop_timer()
-        transport = self._transport()
-        if transport is not None:
-            transport.pauseProducing()
+        association = self._association()
+        if association is not None:
+            association.pause_reading()
 
     def resumeProducing(self):
         if not self.paused:
             return
         self.paused = False
-        transport = self._transport()
-        if transport is not None:
-            transport.resumeProducing()
+        association = self._association()
+        if association is not None:
+            association.resume_reading()
         if not self._operation._done:
             self._operation._start_timer()
 

@@ -567,21 +567,24 @@ def test_backpressure_pauses_the_transport_and_the_timer():
 
 
 def test_consumer_stalled_beyond_the_idle_timeout():
-    # The association's idle timer is not paused with the transport: a
-    # consumer that stalls longer than it loses the association.
+    # Reading paused for a slow consumer suspends the association's idle
+    # timer and the find's DIMSE timer: the wait is ours, not the peer's.
     peers = Peers(client_settings=AssociationSettings(idle_timeout=60))
     association = peers.connect()
-    peers.service.final = None
+    peers.service.final = None  # the peer never sends its final response
     peers.service.matches = lambda identifier: default_matches(identifier, 10)
     find = association.find(query(), high_water=4)
     peers.flush()
-    peers.reactor.advance(60)
+    peers.reactor.advance(120 + AssociationSettings().artim_timeout)
     peers.flush()
-    peers.reactor.advance(AssociationSettings().artim_timeout)
-    peers.flush()
-    failure_of(find.result, AssociationAborted)
+    assert not find.result.called
+    assert association.association.upper.state == "Sta6"
     assert len([result_of(find.matches.read()) for _ in range(10)]) == 10
-    failure_of(find.matches.read(), AssociationAborted)
+    peers.flush()
+    # Reading again: now the peer's silence counts.
+    peers.reactor.advance(peers.client.dimse_timeout)
+    peers.flush()
+    failure_of(find.result, DimseTimeout)
 
 
 def test_backpressure_released_when_the_find_ends():
