@@ -8,10 +8,11 @@ import io
 
 import pydicom
 import pytest
-from harmonytest import free_port, request, start_harmony, write_config
 from peers import dcmtk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+from harmonytest import free_port, request, start_harmony, write_config
 
 BASE = """
 [proxy]

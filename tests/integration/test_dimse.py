@@ -7,13 +7,12 @@ storescu, and Harmony's SCU against DCMTK's storescp and Orthanc, all on
 import io
 import os
 import socket
-import urllib.request
 import struct
+import urllib.request
 
 import pydicom
 import pytest
 import pytest_twisted
-from harmonytest import free_port, start_harmony, write_config
 from peers import build_bind_shim, dcmtk, require
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
@@ -28,6 +27,7 @@ from pydicom.uid import (
 from harmony.dimse import pdu
 from harmony.dimse.messages import VERIFICATION_SOP_CLASS
 from harmony.dimse.scu import DicomClient, read_part10_header
+from harmonytest import free_port, start_harmony, write_config
 
 AET = "HARMONY"
 SOURCES = ["CT_small.dcm", "MR_small.dcm", "rtdose.dcm", "SC_rgb_rle_2frame.dcm"]

@@ -882,7 +882,7 @@ def test_unknown_backend_service_type(tmp_path):
                  "unknown service type 'pacs' (known: dicom_scu, echo, http)")
 
 
-def test_dicom_alias_by_role(tmp_path):
+def test_dicom_alias_resolves_to_the_builtin_types(tmp_path):
     """
     "dicom" names dicom_scp as an endpoint and dicom_scu as a backend; the
     options are then validated against that type.
