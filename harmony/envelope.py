@@ -264,6 +264,10 @@ class DicomResult:
     @ivar matches: for find: a L{Stream} of identifier datasets.
     @ivar instances: for get/move: a L{Stream} of L{DicomInstance}.
     @ivar completed/failed/warning/remaining: sub-operation counts.
+    @ivar done: for results that stream (C{matches}, C{instances}): a
+        Deferred firing with C{(status, error_comment)} once the operation
+        has ended (read the stream to its end first); C{None} when
+        C{status} is final already.
     """
 
     status = attr.ib(default=0x0000)
@@ -274,6 +278,7 @@ class DicomResult:
     failed = attr.ib(default=None)
     warning = attr.ib(default=None)
     remaining = attr.ib(default=None)
+    done = attr.ib(default=None)
 
 
 _UNPARSED = object()

@@ -15,6 +15,7 @@ type.
 """
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from harmony.config.schema import REQUIRED, Field, Int, Number, Schema, Str
@@ -24,6 +25,7 @@ from harmony.dimse.messages import VERIFICATION_SOP_CLASS
 from harmony.dimse.pdu import validate_ae_title
 from harmony.dimse.scu import (
     EXPLICIT_VR_LITTLE_ENDIAN,
+    FIND_MODELS,
     IMPLICIT_VR_LITTLE_ENDIAN,
     DicomClient,
     DimseTimeout,
@@ -135,7 +137,47 @@ class DicomScuBackend:
                 _, result = failed[0]
                 return _dimse_response(result.status, result.error_comment or "Forwarding to the PACS failed")
             return _dimse_response(dimse_status.SUCCESS, None)
+        if request.operation == "find":
+            return await self._find(request)
         raise BadRequest(f"The dicom_scu backend does not answer {request.operation} requests in this version")
+
+    async def _find(self, request):
+        """
+        C-FIND at the PACS; the matches stream back as they arrive (the
+        result's C{done} fires with the final status).
+        """
+        model = request.query_model or "study"
+        sop_class = FIND_MODELS.get(model)
+        if sop_class is None:
+            raise BadRequest(f"Unknown query model {model!r}")
+        association = await self._associate([(sop_class, _UNCOMPRESSED)], request.user_identity)
+        try:
+            operation = association.find(request.identifier, model, request.priority or 0)
+        except LookupError:
+            await _release(association)
+            raise UpstreamUnavailable("The PACS does not accept this query model")
+        except ValueError as e:
+            await _release(association)
+            raise BadRequest(f"Invalid query: {e}")
+
+        done = defer.Deferred()
+
+        def ended(outcome):
+            if isinstance(outcome, Failure):
+                if outcome.check(DimseTimeout):
+                    final = (dimse_status.OUT_OF_RESOURCES, "The PACS did not answer the query in time")
+                else:
+                    final = (dimse_status.OUT_OF_RESOURCES, "The PACS aborted the query")
+            else:
+                final = (outcome.status, outcome.error_comment)
+            # Released in the background; the answer does not wait for it.
+            defer.ensureDeferred(_release(association))
+            done.callback(final)
+
+        operation.result.addBoth(ended)
+        response = ResponseEnvelope(status=200)
+        response.dicom = DicomResult(status=None, matches=operation.matches, done=done)
+        return response
 
     # -- HTTP requests ----------------------------------------------------------
 

@@ -119,6 +119,9 @@ class Association(Protocol):
         self._closed = False
         self._ac = None
         self._reading_paused = False
+        #: C-FIND operations answering on this association, by message ID
+        #: (for C-CANCEL-RQ).
+        self.find_operations = {}
 
     # -- transport events -------------------------------------------------
 

@@ -172,6 +172,9 @@ class _SCPUser:
         current, self._current = self._current, None
         if current is not None:
             current.aborted(association)
+        for operation in list(association.find_operations.values()):
+            operation.aborted(association)
+        association.find_operations.clear()
         return result
 
     def established(self, association):
@@ -181,6 +184,13 @@ class _SCPUser:
         field = command.command_field
         context = association.contexts[command.context_id]
         fields = command.fields
+        if field == messages.C_CANCEL_RQ and messages.C_CANCEL_RQ not in self.factory.services:
+            # No response of its own: the operation it cancels answers (a
+            # cancel for an operation already answered is ignored).
+            operation = association.find_operations.get(fields.get("MessageIDBeingRespondedTo"))
+            if operation is not None:
+                operation.cancel()
+            return
         if field == messages.C_ECHO_RQ and self.factory.enable_echo:
             rsp = messages.echo_rsp(fields.get("MessageID", 0), SUCCESS)
             association.send_message(command.context_id, rsp)

@@ -16,8 +16,10 @@ from zope.interface import implementer
 from harmony.config.schema import REQUIRED, Bool, Field, Int, ListOf, Number, Schema, Str
 from harmony.dimse import messages
 from harmony.dimse.association import AssociationSettings
+from harmony.dimse.find import FindService
 from harmony.dimse.pdu import validate_ae_title
 from harmony.dimse.scp import DicomServerFactory, SCPPolicy
+from harmony.dimse.scu import FIND_MODELS
 from harmony.dimse.status import status_for_error
 from harmony.dimse.store import StoreService
 from harmony.envelope import DicomResult, ResponseEnvelope
@@ -84,6 +86,7 @@ OPTIONS = Schema(
         "port": Field(Int(min=0, max=65535), 11112),
         "enable_echo": Field(Bool(), True),
         "enable_store": Field(Bool(), False),
+        "enable_find": Field(Bool(), False, "answer C-FIND (patient and study root) through the pipeline"),
         "storage_dir": Field(Str(), "", "where received instances are stored (default: <storage path>/dicom)"),
         "storage_layout": Field(Str(nonempty=True, check=_check_layout), "{study}/{series}/{sop}.dcm"),
         "fsync": Field(Bool(), False, "fsync each stored file before answering"),
@@ -131,6 +134,9 @@ class DicomScpEndpoint:
         if options.enable_store:
             for sop_class in options.sop_classes or STORAGE_SOP_CLASSES:
                 abstract[sop_class] = syntaxes
+        if options.enable_find:
+            for sop_class in FIND_MODELS.values():
+                abstract[sop_class] = [pydicom_uid.ExplicitVRLittleEndian, pydicom_uid.ImplicitVRLittleEndian]
         return SCPPolicy(
             ae_title=options.local_aet,
             syntaxes=abstract,
@@ -168,6 +174,8 @@ class DicomScpEndpoint:
             handlers[messages.C_STORE_RQ] = StoreService(
                 storage, options.storage_layout, options.fsync, pipeline=(executor, self) if busy else None
             )
+        if options.enable_find:
+            handlers[messages.C_FIND_RQ] = FindService((executor, self))
         factory = DicomServerFactory(reactor, self.policy(), settings, handlers, enable_echo=options.enable_echo)
         description = f"tcp:port={options.port}:interface={endpoints.quoteStringArgument(options.bind_addr)}"
         listener = StreamServerEndpointService(endpoints.serverFromString(reactor, description), factory)

@@ -54,6 +54,7 @@ local_aet = "HARMONY"
 bind_addr = "127.0.0.1"
 port = {scp_port}
 enable_store = true
+enable_find = true
 
 [pipelines.forward_down]
 endpoints = ["scp_down"]
@@ -66,6 +67,7 @@ local_aet = "HARMONY"
 bind_addr = "127.0.0.1"
 port = {scp_down_port}
 enable_store = true
+enable_find = true
 
 [backends.pacs]
 service = "dicom"
@@ -224,3 +226,88 @@ def test_failed_forward_is_never_success(gateway, tmp_path):
     log = gateway["process"].output()
     assert ds.PatientName and str(ds.PatientName) not in log
 
+
+
+def _store_to_orthanc(orthanc, tmp_path, patient_id, studies):
+    """
+    Store one new instance per study for a new patient, straight to Orthanc.
+    """
+    uids = []
+    for i in range(studies):
+        ds, data = _instance()
+        path = tmp_path / f"{patient_id}-{i}.dcm"
+        ds.PatientID = patient_id
+        ds.save_as(path, enforce_file_format=True)
+        uids.append(ds.StudyInstanceUID)
+    files = sorted(tmp_path.glob(f"{patient_id}-*.dcm"))
+    result = dcmtk("storescu", "-aec", orthanc.aet, "127.0.0.1", orthanc.dicom_port, *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return set(uids)
+
+
+def _findscu(port, called, out_dir, *args):
+    out_dir.mkdir()
+    result = dcmtk("findscu", "-X", "-od", out_dir, "-aec", called, *args, "127.0.0.1", port)
+    answers = [pydicom.dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+    return result, answers
+
+
+@pytest.mark.parametrize("root", ["-S", "-P"])
+def test_findscu_through_harmony_to_orthanc(gateway, orthanc, tmp_path, root):
+    patient = "FIND" + generate_uid()[-10:]
+    studies = _store_to_orthanc(orthanc, tmp_path, patient, 3)
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient}", "-k", "StudyInstanceUID", "-k", "StudyDate"]
+    result, through = _findscu(gateway["scp_port"], "HARMONY", tmp_path / "harmony", root, *keys)
+    assert result.returncode == 0, result.stdout + result.stderr
+    direct_result, direct = _findscu(orthanc.dicom_port, orthanc.aet, tmp_path / "direct", root, *keys)
+    assert direct_result.returncode == 0
+    assert {str(ds.StudyInstanceUID) for ds in through} == studies
+    assert sorted(ds.StudyInstanceUID for ds in through) == sorted(ds.StudyInstanceUID for ds in direct)
+    assert all(ds.PatientID == patient for ds in through)
+
+
+def test_findscu_no_match_and_series_level(gateway, orthanc, tmp_path):
+    result, answers = _findscu(
+        gateway["scp_port"], "HARMONY", tmp_path / "none", "-S",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=NOBODY-AT-ALL", "-k", "StudyInstanceUID",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert answers == []
+    patient = "SER" + generate_uid()[-10:]
+    [study] = _store_to_orthanc(orthanc, tmp_path, patient, 1)
+    result, answers = _findscu(
+        gateway["scp_port"], "HARMONY", tmp_path / "series", "-S",
+        "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}", "-k", "SeriesInstanceUID", "-k", "Modality",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(answers) == 1 and answers[0].Modality == "CT"
+
+
+def test_findscu_cancel(gateway, orthanc, tmp_path):
+    patient = "CANCEL" + generate_uid()[-10:]
+    _store_to_orthanc(orthanc, tmp_path, patient, 4)
+    result = dcmtk(
+        "findscu", "-v", "--cancel", "1", "-S", "-aec", "HARMONY",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient}", "-k", "StudyInstanceUID",
+        "127.0.0.1", gateway["scp_port"],
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "Sending Cancel Request" in out, out
+    # Cancel or Success: the matches may all be sent before the cancel
+    # arrives (PS3.4 C.4.1.2.3 allows both); one final response either way.
+    finals = [line for line in out.splitlines() if "Received Final Find Response" in line]
+    assert len(finals) == 1 and ("Cancel" in finals[0] or "Success" in finals[0]), out
+    # Still answering.
+    assert dcmtk("echoscu", "-aec", "HARMONY", "127.0.0.1", gateway["scp_port"]).returncode == 0
+
+
+def test_find_pacs_down_is_a_failure(gateway, tmp_path):
+    result, answers = _findscu(
+        gateway["scp_down_port"], "HARMONY", tmp_path / "down", "-v", "-S",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=X",
+    )
+    out = result.stdout + result.stderr
+    assert answers == []
+    assert "Refused: OutOfResources" in out or "a700" in out.lower(), out
+    assert dcmtk("echoscu", "-aec", "HARMONY", "127.0.0.1", gateway["scp_down_port"]).returncode == 0
