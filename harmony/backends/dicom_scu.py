@@ -31,7 +31,7 @@ from harmony.dimse.scu import (
     DimseTimeout,
     read_part10_header,
 )
-from harmony.envelope import DicomResult, ResponseEnvelope, media_type
+from harmony.envelope import DicomRequest, DicomResult, ResponseEnvelope, media_type
 from harmony.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamTimeout, UpstreamUnavailable
 from harmony.interfaces import IBackend
 from harmony.logs import logger
@@ -57,10 +57,87 @@ OPTIONS = Schema(
         "max_pdu_length": Field(Int(min=0, max=0xFFFFFFFF), 131072),
         "timeout_secs": Field(Number(min=0.001), 30.0, "DIMSE response timeout"),
         "connect_timeout_secs": Field(Number(min=0.001), 10.0, "TCP connect + association"),
+        "query_model": Field(Str(choices=("study", "patient"), lower=True), "study", "C-FIND information model"),
     }
 )
 
 _UNCOMPRESSED = [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
+
+#: Matches an HTTP JSON answer may hold (it is collected in memory).
+MAX_JSON_MATCHES = 10000
+
+#: Return keys added to a JSON query per level when it names none.
+DEFAULT_RETURN_KEYS = {
+    "PATIENT": ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"),
+    "STUDY": (
+        "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription",
+        "PatientID", "PatientName", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+    ),
+    "SERIES": ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription"),
+    "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNumber"),
+}
+
+
+def find_identifier(body):
+    """
+    The C-FIND identifier of an HTTP JSON query, in one of the accepted
+    shapes: C{{"identifier": <DICOM JSON>}} (optionally inside
+    C{{"command": ..., "identifier": ..., "query_metadata": ...}}),
+    C{{"operation": "C-FIND", "level": "STUDY", "query": {"PatientID": "*"}}}
+    (keywords or tags), or C{{"patient_id": "...", "query_level": "PATIENT"}}.
+
+    @return: C{(dataset, level)}
+    @raise BadRequest: for anything else.
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataset import Dataset
+
+    if not isinstance(body, dict):
+        raise BadRequest("Send a JSON object describing the query")
+    level = body.get("level") or body.get("query_level")
+    if body.get("identifier") is not None:
+        if not isinstance(body["identifier"], dict):
+            raise BadRequest('"identifier" must be a DICOM JSON object')
+        try:
+            ds = Dataset.from_json(body["identifier"])
+        except Exception:
+            raise BadRequest('"identifier" is not valid DICOM JSON')
+        named = True
+    else:
+        query = body.get("query", {})
+        if not isinstance(query, dict):
+            raise BadRequest('"query" must be an object of keywords or tags')
+        query = dict(query)
+        if body.get("patient_id") is not None:
+            query.setdefault("PatientID", body["patient_id"])
+        ds = Dataset()
+        for key, value in query.items():
+            tag = tag_for_keyword(key) if not _is_tag(key) else int(key.replace(",", ""), 16)
+            if tag is None:
+                raise BadRequest(f"Unknown DICOM keyword {key!r} in the query")
+            if value is not None and not isinstance(value, (str, int, float)):
+                raise BadRequest(f"Query value for {key!r} must be a string or number")
+            try:
+                ds.add_new(tag, dictionary_VR(tag), "" if value is None else str(value))
+            except Exception:
+                raise BadRequest(f"Invalid query key {key!r}")
+        named = False
+    if level is None:
+        level = ds.get("QueryRetrieveLevel")
+    level = str(level or "STUDY").upper()
+    if level not in DEFAULT_RETURN_KEYS:
+        raise BadRequest("The query level must be PATIENT, STUDY, SERIES or IMAGE")
+    ds.QueryRetrieveLevel = level
+    if not named:
+        for keyword in DEFAULT_RETURN_KEYS[level]:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return ds, level
+
+
+def _is_tag(key):
+    digits = key.replace(",", "")
+    return len(digits) == 8 and all(c in "0123456789abcdefABCDEF" for c in digits)
 
 
 class _Instance:
@@ -116,7 +193,11 @@ class DicomScuBackend:
             if envelope.details.method != "POST":
                 raise BadRequest("Use POST to store instances")
             return await self._http_store(envelope)
-        raise NotFound("Unknown DICOM operation (this backend answers /echo and /store)")
+        if operation == "find":
+            if envelope.details.method != "POST":
+                raise BadRequest("Use POST with a JSON query to find")
+            return await self._http_find(envelope)
+        raise NotFound("Unknown DICOM operation (this backend answers /echo, /find and /store)")
 
     # -- DIMSE requests -------------------------------------------------------
 
@@ -191,6 +272,40 @@ class DicomScuBackend:
         ok = status.status == dimse_status.SUCCESS
         body = dict(base, success=ok, status=f"0x{status.status:04X}")
         return ResponseEnvelope.json(200 if ok else 502, body)
+
+    async def _http_find(self, envelope):
+        """
+        C{POST {prefix}/find} (Rust-Harmony and seed shapes) -> C{{"operation":
+        "find", "success": ..., "matches": [<DICOM JSON>...]}}.
+        """
+        body = await envelope.parse_body()
+        identifier, level = find_identifier(body)
+        model = self.options.query_model
+        if isinstance(body, dict) and isinstance(body.get("query_model"), str):
+            model = body["query_model"].lower()
+            if model not in FIND_MODELS:
+                raise BadRequest('"query_model" must be "study" or "patient"')
+        request = DicomRequest("find", query_model=model, level=level, identifier=identifier)
+        response = await self._find(request)
+        result = response.dicom
+        matches = []
+        async for match in result.matches:
+            if len(matches) >= MAX_JSON_MATCHES:
+                result.matches.cancel()
+                raise UpstreamUnavailable(f"More than {MAX_JSON_MATCHES} matches: narrow the query")
+            matches.append(match.to_json_dict())
+        status, comment = await result.done
+        failed = dimse_status.is_failure(status)
+        body = {
+            "operation": "find",
+            "success": not failed,
+            "remote_aet": self.options.aet,
+            "status": f"0x{status:04X}",
+            "matches": matches,
+        }
+        if failed:
+            body["error"] = comment or "The PACS answered with a failure status"
+        return ResponseEnvelope.json(502 if failed else 200, body)
 
     async def _http_store(self, envelope):
         # Bounded already: the HTTP side enforces [proxy.content_limits].

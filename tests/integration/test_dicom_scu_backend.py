@@ -5,6 +5,7 @@ application/dicom and multipart/related bodies) and DICOM -> DICOM
 """
 
 import io
+import json
 
 import pydicom
 import pytest
@@ -311,3 +312,46 @@ def test_find_pacs_down_is_a_failure(gateway, tmp_path):
     assert answers == []
     assert "Refused: OutOfResources" in out or "a700" in out.lower(), out
     assert dcmtk("echoscu", "-aec", "HARMONY", "127.0.0.1", gateway["scp_down_port"]).returncode == 0
+
+
+def test_http_find_shapes(gateway, orthanc, tmp_path):
+    patient = "HTTPF" + generate_uid()[-10:]
+    studies = _store_to_orthanc(orthanc, tmp_path, patient, 2)
+    shapes = [
+        {"identifier": {"00100020": {"vr": "LO", "Value": [patient]}, "0020000D": {"vr": "UI"}, "00080052": {"vr": "CS", "Value": ["STUDY"]}}},
+        {"command": "find", "identifier": {"00100020": {"vr": "LO", "Value": [patient]}, "0020000D": {"vr": "UI"}}, "query_metadata": {}},
+        {"operation": "C-FIND", "level": "STUDY", "query": {"PatientID": patient}},
+        {"operation": "C-FIND", "level": "STUDY", "query": {"00100020": patient, "StudyInstanceUID": None}},
+        {"patient_id": patient, "query_level": "STUDY"},
+    ]
+    for shape in shapes:
+        response = request(gateway["http_port"], "POST", "/dicom/find", json.dumps(shape).encode(),
+                           headers=[("Content-Type", "application/json")])
+        assert response.status == 200, (shape, response.body)
+        body = response.json()
+        assert body["operation"] == "find" and body["success"] is True and body["status"] == "0x0000"
+        found = {m["0020000D"]["Value"][0] for m in body["matches"]}
+        assert found == studies, shape
+    # Patient level, patient root.
+    response = request(gateway["http_port"], "POST", "/dicom/find",
+                       json.dumps({"patient_id": patient, "query_level": "PATIENT", "query_model": "patient"}).encode())
+    assert response.status == 200, response.body
+    [match] = response.json()["matches"]
+    assert match["00100020"]["Value"] == [patient]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1, 2]", b'{"query": {"NoSuchKeyword": "x"}}', b'{"level": "GALAXY", "query": {}}',
+     b'{"identifier": {"bad": 1}}', b'{"query_model": "nonsense", "patient_id": "x"}'],
+)
+def test_http_find_bad_queries(gateway, body):
+    response = request(gateway["http_port"], "POST", "/dicom/find", body, headers=[("Content-Type", "application/json")])
+    assert response.status == 400, response.body
+    assert set(response.json()) == {"error", "message"}
+
+
+def test_http_find_pacs_down(gateway):
+    response = request(gateway["http_port"], "POST", "/down/find", b'{"patient_id": "x"}')
+    assert response.status == 502
+    assert response.json()["error"] == "bad_gateway"
