@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from harmony.config.schema import REQUIRED, Field, Int, Number, Schema, Str
+from harmony.config.schema import REQUIRED, Field, Int, Number, Schema, Str, from_validator
 from harmony.dimse import status as dimse_status
 from harmony.dimse.association import AssociationAborted, AssociationRejected, AssociationSettings
 from harmony.dimse.messages import VERIFICATION_SOP_CLASS
@@ -40,12 +40,7 @@ from harmony.streams import collect
 log = logger("harmony.backends.dicom_scu")
 
 
-def _check_aet(value):
-    try:
-        validate_ae_title(value)
-    except ValueError as e:
-        return str(e)
-    return None
+_check_aet = from_validator(validate_ae_title)
 
 
 OPTIONS = Schema(

@@ -130,6 +130,22 @@ class Str(Kind):
         return value
 
 
+def from_validator(validate):
+    """
+    A C{Str(check=...)} function from a validator that raises C{ValueError}
+    (the error's text becomes the configuration error's).
+    """
+
+    def check(value):
+        try:
+            validate(value)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return check
+
+
 class Int(Kind):
     label = "integer"
 

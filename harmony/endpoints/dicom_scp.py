@@ -13,7 +13,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from zope.interface import implementer
 
-from harmony.config.schema import REQUIRED, Bool, Field, Int, ListOf, Number, Schema, Str
+from harmony.config.schema import REQUIRED, Bool, Field, Int, ListOf, Number, Schema, Str, from_validator
 from harmony.dimse import messages
 from harmony.dimse.association import AssociationSettings
 from harmony.dimse.find import FindService
@@ -25,7 +25,7 @@ from harmony.dimse.store import StoreService
 from harmony.envelope import DicomResult, ResponseEnvelope
 from harmony.interfaces import IEndpoint
 from harmony.logs import logger
-from harmony.storage.dicom import check_layout
+from harmony.storage.dicom import check_layout, check_uid
 
 log = logger("harmony.endpoints.dicom_scp")
 
@@ -57,26 +57,9 @@ DEFAULT_TRANSFER_SYNTAXES = (
 )
 
 
-def _check_aet(value):
-    try:
-        validate_ae_title(value)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _check_uid(value):
-    if not value or len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
-        return f'expected a UID (digits and dots, at most 64 characters), got "{value}"'
-    return None
-
-
-def _check_layout(value):
-    try:
-        check_layout(value)
-    except ValueError as e:
-        return str(e)
-    return None
+_check_aet = from_validator(validate_ae_title)
+_check_uid = from_validator(check_uid)
+_check_layout = from_validator(check_layout)
 
 
 OPTIONS = Schema(
