@@ -14,6 +14,15 @@ C-FIND streams its matches as they arrive:
     async for match in find.matches:     # pydicom Datasets
         ...
     status = await find.result           # the final DimseStatus
+
+C-GET negotiates the SCP role for the storage SOP classes and writes each
+C-STORE sub-operation into a storage as it arrives:
+
+    assoc = await client.associate_for_get(host, port, "PACS", [(CT_IMAGE, [EXPLICIT_LE, IMPLICIT_LE])])
+    get = assoc.get(identifier, model="study", storage=storage)
+    async for instance in get.instances:  # harmony.envelope.DicomInstance
+        ...
+    status = await get.result            # counts in status.fields
 """
 
 import struct
@@ -54,6 +63,27 @@ EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 FIND_MODELS = {"patient": PATIENT_ROOT_FIND, "study": STUDY_ROOT_FIND}
+
+#: Query/Retrieve information models for C-GET (PS3.4 C.6).
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+GET_MODELS = {"patient": PATIENT_ROOT_GET, "study": STUDY_ROOT_GET}
+
+#: The sub-operation counts of C-GET/C-MOVE responses (PS3.7 9.1.3.1).
+SUBOPERATION_COUNTS = (
+    "NumberOfRemainingSuboperations",
+    "NumberOfCompletedSuboperations",
+    "NumberOfFailedSuboperations",
+    "NumberOfWarningSuboperations",
+)
+
+#: The C-STORE-RSP status for a sub-operation the peer may not ask of us: a
+#: C-STORE-RQ on a presentation context where the SCP role was not
+#: negotiated (PS3.7 D.3.3.4), or outside any C-GET.  PS3.7 Annex C, Table
+#: C-5 (general failure statuses): 0124H "Refused: Not authorized".  (0xA702
+#: "Unable to perform sub-operations", PS3.4 C.4.3.1.4, is a C-GET-RSP
+#: status, not a C-STORE one.)
+SUBOPERATION_REFUSED = dimse_status.NOT_AUTHORIZED
 
 #: C-FIND statuses (PS3.4 C.4.1.1.4, PS3.7 C).
 PENDING = 0xFF00
@@ -216,6 +246,9 @@ class ClientAssociation:
 
     def _response(self, command):
         fields = command.fields
+        if command.command_field == messages.C_STORE_RQ:
+            self._store_request(command)
+            return
         message_id = fields.get("MessageIDBeingRespondedTo")
         operation = self._operations.get(message_id)
         if operation is not None:
@@ -239,6 +272,41 @@ class ClientAssociation:
         if fragment.last:
             self._receiving = None
         receiver.fragment(fragment.data, fragment.last)
+
+    def _store_request(self, command):
+        """
+        A C-STORE-RQ from the peer: a sub-operation of the C-GET in
+        progress, answered by it when we have the SCP role on its context;
+        otherwise refused (L{SUBOPERATION_REFUSED}).
+        """
+        association = self.association
+        context = association.contexts.get(command.context_id)
+        get = None
+        for operation in self._operations.values():
+            if isinstance(operation, GetOperation) and operation._final is None:
+                get = operation
+                break
+        if get is not None and context is not None and context.requestor_scp:
+            get._store_request(context, command)
+            return
+        fields = command.fields
+        log.warn(
+            "C-STORE-RQ from the peer {why}: refused",
+            why="outside any C-GET" if get is None else "on a context without the SCP role",
+        )
+        if command.has_dataset:
+            self._receiving = _DISCARD
+        if get is not None:
+            get.refused += 1
+            get._start_timer()
+        rsp = messages.store_rsp(
+            fields.get("MessageID", 0),
+            fields.get("AffectedSOPClassUID") or (context.abstract_syntax if context else ""),
+            fields.get("AffectedSOPInstanceUID") or "",
+            SUBOPERATION_REFUSED,
+            "SCP role not negotiated for this SOP class" if get is not None else "No C-GET in progress",
+        )
+        association.send_message(command.context_id, rsp)
 
     # -- requests -----------------------------------------------------------
 
@@ -370,6 +438,61 @@ class ClientAssociation:
             "CommandDataSetType": messages.DATASET_PRESENT,
         }
         operation = FindOperation(self, context, fields["MessageID"], high_water)
+        if self._error is not None:
+            operation._failed(self._error)
+        elif self.association._closed:
+            operation._failed(AssociationAborted(message="the association has ended"))
+        else:
+            self._operations[operation.message_id] = operation
+            operation._start_timer()
+            sent = self.association.send_message(context.id, messages.encode_command(fields), data)
+            sent.addErrback(lambda f: self._fail(f.value) if not operation._done else None)
+        return operation
+
+    def get(self, identifier, model="study", priority=0, storage=None, layout="{study}/{series}/{sop}.dcm",
+            fsync=False, high_water=256):
+        """
+        C-GET (PS3.4 C.4.3, PS3.7 9.1.3): the peer sends the matching
+        instances as C-STORE sub-operations on this association; each is
+        written into C{storage} as its fragments arrive and delivered on
+        L{GetOperation.instances} once committed.
+
+        The association must have been negotiated with the GET model and
+        the SCP role for the storage SOP classes expected (see
+        L{DicomClient.associate_for_get}).
+
+        @param identifier: a pydicom C{Dataset} with QueryRetrieveLevel and
+            the unique keys of what to retrieve.
+        @param model: C{"study"}, C{"patient"} or a C-GET SOP class UID.
+        @param storage: an L{harmony.storage.interfaces.IStorage} the
+            instances are written to (required).
+        @param layout: the relpath template of stored files.
+        @param fsync: make each file durable before answering its
+            sub-operation.
+        @param high_water: instances buffered before reading from the peer
+            is paused.
+        @raise LookupError: no accepted context for the model.
+        @raise ValueError: an unknown model, no QueryRetrieveLevel, no
+            storage, or an identifier that cannot be encoded.
+        @rtype: L{GetOperation}
+        """
+        sop_class = GET_MODELS.get(model, model)
+        if "." not in sop_class:
+            raise ValueError(f"unknown C-GET model {model!r} (expected one of {sorted(GET_MODELS)} or a UID)")
+        if "QueryRetrieveLevel" not in identifier:
+            raise ValueError("a C-GET identifier needs a QueryRetrieveLevel")
+        if storage is None:
+            raise ValueError("a C-GET needs a storage for the instances it receives")
+        context = self.context_for(sop_class)
+        data = encode_identifier(identifier, context.transfer_syntax)
+        fields = {
+            "AffectedSOPClassUID": sop_class,
+            "CommandField": messages.C_GET_RQ,
+            "MessageID": self._message_id(),
+            "Priority": priority,
+            "CommandDataSetType": messages.DATASET_PRESENT,
+        }
+        operation = GetOperation(self, context, fields["MessageID"], storage, layout, fsync, high_water)
         if self._error is not None:
             operation._failed(self._error)
         elif self.association._closed:
@@ -590,6 +713,160 @@ class FindOperation:
         sent.addErrback(lambda f: ca._fail(f.value))
 
 
+class GetOperation(FindOperation):
+    """
+    One C-GET in progress.
+
+    @ivar instances: a L{Stream} of L{harmony.envelope.DicomInstance}, one
+        per C-STORE sub-operation stored (committed in the storage), as
+        each completes; C{data} streams the stored Part 10 file.  It
+        finishes when the C-GET ends (whatever its status: look at
+        L{result}) and fails when the association is aborted or the DIMSE
+        timeout expires (instances already delivered stay in the storage).
+        At most C{high_water} instances are buffered for a slow consumer:
+        then reading from the association is paused.  Cancelling the
+        stream cancels the get.
+    @ivar result: Deferred[L{DimseStatus}] firing with the final status
+        (success, cancel 0xFE00, warning 0xB000, or a failure such as
+        0xA701/0xA702/0xC000 — not an errback); its C{fields} carry the
+        sub-operation counts (C{NumberOfCompletedSuboperations},
+        C{NumberOfFailedSuboperations}, C{NumberOfWarningSuboperations},
+        and C{NumberOfRemainingSuboperations} when the peer sent it), those
+        missing from the final response taken from the last pending one.
+        It fails with L{DimseTimeout}, L{AssociationAborted} or
+        L{InvalidResponse}.
+    @ivar stored: sub-operations stored and answered Success here.
+    @ivar refused: sub-operations answered with a failure here.
+    @ivar pending: the fields of the last pending C-GET-RSP, or C{None}.
+    """
+
+    def __init__(self, client_association, context, message_id, storage, layout, fsync=False, high_water=256):
+        from harmony.dimse.substore import GetStoreService
+
+        FindOperation.__init__(self, client_association, context, message_id, high_water)
+        self.instances = self.matches
+        self.storage = storage
+        self.stored = 0
+        self.refused = 0
+        self.pending = None
+        self._final = None
+        self._subs = []
+        self._service = GetStoreService(self, storage, layout, fsync=fsync)
+
+    # -- responses ----------------------------------------------------------
+
+    def _response(self, command):
+        ca = self._ca
+        fields = command.fields
+        status = fields.get("Status")
+        if fields.get("CommandField") != messages.C_GET_RSP or status is None or self._final is not None:
+            ca._protocol_error("a response to a C-GET that is not a C-GET-RSP with a status, or after its final one")
+            return
+        if command.has_dataset:
+            # Pending responses carry none; a final one may carry the
+            # Failed SOP Instance UID List (not kept).
+            ca._receiving = _DISCARD
+        if status in (PENDING, PENDING_WARNING):
+            self.pending = fields
+            self._start_timer()
+            return
+        final = dict(fields)
+        if self.pending is not None:
+            for key in SUBOPERATION_COUNTS[1:]:
+                if final.get(key) is None and self.pending.get(key) is not None:
+                    final[key] = self.pending[key]
+        self._final = DimseStatus(status, fields.get("ErrorComment"), final)
+        self._maybe_end()
+
+    # -- sub-operations -------------------------------------------------------
+
+    def _store_request(self, context, command):
+        ca = self._ca
+        self._start_timer()
+        operation = self._service.start(ca.association, context, command)
+        if operation is None:
+            return  # no data set: already answered
+        self._subs.append(operation)
+        ca._receiving = _SubOperationReceiver(self, operation)
+
+    def _sub_stored(self, operation, instance):
+        if self._done:
+            return
+        self.stored += 1
+        self.matches.write(instance)
+
+    def _sub_done(self, operation, status):
+        if operation in self._subs:
+            self._subs.remove(operation)
+        if status != dimse_status.SUCCESS:
+            self.refused += 1
+        if not self._done:
+            self._start_timer()
+        self._maybe_end()
+
+    def _maybe_end(self):
+        if self._final is not None and not self._subs:
+            self._end(self._final)
+
+    def fragment(self, data, last):  # pragma: no cover - responses never carry one we keep
+        pass
+
+    # -- ending ---------------------------------------------------------------
+
+    def _end(self, status):
+        if self._done:
+            return
+        self._ca._operations.pop(self.message_id, None)
+        FindOperation._end(self, status)
+        self._drop_spare()
+
+    def _failed(self, error):
+        if self._done:
+            return
+        self._ca._operations.pop(self.message_id, None)
+        ca = self._ca
+        subs, self._subs = self._subs, []
+        for operation in subs:
+            if ca._receiving is not None and getattr(ca._receiving, "operation", None) is operation:
+                ca._receiving = None
+            operation.aborted(ca.association)
+        FindOperation._failed(self, error)
+        self._drop_spare()
+
+    def _timed_out(self):
+        self._timer = None
+        if self._done:
+            return
+        ca = self._ca
+        self._failed(DimseTimeout(f"no C-GET response or sub-operation for message {self.message_id} "
+                                  f"in {ca._dimse_timeout}s"))
+        ca.association.abort(0, 0)
+        ca._fail(AssociationAborted(0, 0, "association aborted after a DIMSE timeout"))
+
+    def _drop_spare(self):
+        association = self._ca.association
+        if association is not None:
+            self._service.drop_spare(association)
+
+
+class _SubOperationReceiver:
+    """
+    Feeds the data set fragments of one C-STORE sub-operation to its
+    storage operation.
+    """
+
+    def __init__(self, get, operation):
+        self.get = get
+        self.operation = operation
+
+    def fragment(self, data, last):
+        self.operation.fragment(data)
+        if last:
+            self.operation.finish()
+        elif not self.get._done:
+            self.get._start_timer()
+
+
 class _Discard:
     """
     Takes the data set of a final response, which nobody needs.
@@ -789,6 +1066,34 @@ class DicomClient:
             return result
 
         return ca._ready.addBoth(done)
+
+    def associate_for_get(self, host, port, called_aet, storage_syntaxes, models=("study",), calling_aet=None,
+                          user_identity=None, query_syntaxes=(EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
+                          extra_syntaxes=()):
+        """
+        Open an association for C-GET: a context per GET model and per
+        storage SOP class, with an SCP/SCU Role Selection item proposing the
+        SCP role (and not the SCU role, as DCMTK's getscu does) for each
+        storage SOP class (PS3.4 C.4.3.3, PS3.7 D.3.3.4).
+
+        @param storage_syntaxes: C{[(storage SOP class, [transfer syntax,
+            ...]), ...]}: what the caller expects to receive.
+        @param models: C{"study"}, C{"patient"} or C-GET SOP class UIDs.
+        @param extra_syntaxes: more C{(abstract syntax, [transfer
+            syntax, ...])} to propose (e.g. Verification).
+        @return: Deferred[L{ClientAssociation}]
+        """
+        syntaxes = []
+        for model in models:
+            sop_class = GET_MODELS.get(model, model)
+            if "." not in sop_class:
+                raise ValueError(f"unknown C-GET model {model!r}")
+            syntaxes.append((sop_class, list(query_syntaxes)))
+        syntaxes += [(sop_class, list(ts)) for sop_class, ts in storage_syntaxes]
+        syntaxes += [(a, list(ts)) for a, ts in extra_syntaxes]
+        roles = [pdu.RoleSelection(sop_class, False, True) for sop_class, _ in storage_syntaxes]
+        return self.associate(host, port, called_aet, syntaxes, calling_aet=calling_aet, roles=roles,
+                              user_identity=user_identity)
 
     def _associate_timeout(self, ca, connecting):
         if ca._ready.called:

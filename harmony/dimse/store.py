@@ -87,8 +87,13 @@ class StoreService:
             spare.abort()
         return result
 
+    def _new_operation(self, association, context, command):
+        # A subclass answers C-STORE sub-operations of a C-GET with its own
+        # kind of operation (harmony.dimse.substore).
+        return _StoreOperation(self, association, context, command)
+
     def start(self, association, context, command):
-        operation = _StoreOperation(self, association, context, command)
+        operation = self._new_operation(association, context, command)
         if operation.sop_class_uid != context.abstract_syntax:
             operation.fail(
                 dimse_status.SOP_CLASS_NOT_SUPPORTED,
@@ -171,7 +176,7 @@ class _StoreOperation:
                 self.transfer_syntax,
                 IMPLEMENTATION_CLASS_UID,
                 IMPLEMENTATION_VERSION_NAME,
-                source_aet=self.association.rq.calling_aet or None,
+                source_aet=self._source_aet(),
             )
         except ValueError:
             self.fail(dimse_status.CANNOT_UNDERSTAND, "Invalid SOP Class or Instance UID in the command")
@@ -184,6 +189,11 @@ class _StoreOperation:
             return False
         self._write(meta)
         return self._failed is None
+
+    def _source_aet(self):
+        # The AE that sent the instance: the calling AE of an association
+        # we accepted.
+        return self.association.rq.calling_aet or None
 
     def _write(self, data):
         try:
