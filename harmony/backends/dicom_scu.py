@@ -14,6 +14,8 @@ type.
     C-STORE per instance and a JSON result per instance.
 """
 
+import os
+
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -58,6 +60,26 @@ OPTIONS = Schema(
 
 _UNCOMPRESSED = [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
 
+def _retrieve_syntaxes():
+    from pydicom import uid
+    from pynetdicom.presentation import StoragePresentationContexts
+
+    offered = [
+        uid.ExplicitVRLittleEndian,
+        uid.ImplicitVRLittleEndian,
+        uid.JPEGBaseline8Bit,
+        uid.JPEGLosslessSV1,
+        uid.JPEG2000Lossless,
+        uid.JPEG2000,
+        uid.RLELossless,
+    ]
+    # 120 storage classes + the GET model: within the 128 contexts allowed.
+    return [(c.abstract_syntax, offered) for c in StoragePresentationContexts]
+
+
+#: What a retrieve over HTTP accepts (stored as received, never transcoded).
+RETRIEVE_SYNTAXES = _retrieve_syntaxes()
+
 #: Matches an HTTP JSON answer may hold (it is collected in memory).
 MAX_JSON_MATCHES = 10000
 
@@ -73,7 +95,7 @@ DEFAULT_RETURN_KEYS = {
 }
 
 
-def find_identifier(body):
+def find_identifier(body, return_keys=True):
     """
     The C-FIND identifier of an HTTP JSON query, in one of the accepted
     shapes: C{{"identifier": <DICOM JSON>}} (optionally inside
@@ -123,7 +145,7 @@ def find_identifier(body):
     if level not in DEFAULT_RETURN_KEYS:
         raise BadRequest("The query level must be PATIENT, STUDY, SERIES or IMAGE")
     ds.QueryRetrieveLevel = level
-    if not named:
+    if not named and return_keys:
         for keyword in DEFAULT_RETURN_KEYS[level]:
             if keyword not in ds:
                 setattr(ds, keyword, "")
@@ -160,7 +182,9 @@ class DicomScuBackend:
         self.name = name
         self.options = options
         self._reactor = context.reactor
+        self._config = context.config
         self._client = None
+        self._storage = None
 
     @property
     def client(self):
@@ -192,7 +216,11 @@ class DicomScuBackend:
             if envelope.details.method != "POST":
                 raise BadRequest("Use POST with a JSON query to find")
             return await self._http_find(envelope)
-        raise NotFound("Unknown DICOM operation (this backend answers /echo, /find and /store)")
+        if operation == "get":
+            if envelope.details.method != "POST":
+                raise BadRequest("Use POST with a JSON query to retrieve")
+            return await self._http_get(envelope)
+        raise NotFound("Unknown DICOM operation (this backend answers /echo, /find, /get and /store)")
 
     # -- DIMSE requests -------------------------------------------------------
 
@@ -302,6 +330,89 @@ class DicomScuBackend:
             body["error"] = comment or "The PACS answered with a failure status"
         return ResponseEnvelope.json(502 if failed else 200, body)
 
+    async def _http_get(self, envelope):
+        """
+        C{POST {prefix}/get}: C-GET of what the JSON query names; the
+        instances are stored under C{[storage.options] path}/retrieved and
+        the answer gives the counts and where each one was stored.
+        """
+        from harmony.dimse.scu import GET_MODELS, SUBOPERATION_COUNTS
+
+        body = await envelope.parse_body()
+        identifier, level = find_identifier(body, return_keys=False)
+        model = self.options.query_model
+        if isinstance(body, dict) and isinstance(body.get("query_model"), str):
+            model = body["query_model"].lower()
+            if model not in GET_MODELS:
+                raise BadRequest('"query_model" must be "study" or "patient"')
+        storage = self._retrieve_storage()
+        options = self.options
+        try:
+            association = await self.client.associate_for_get(
+                options.host, options.port, options.aet, RETRIEVE_SYNTAXES, models=(model,)
+            )
+        except AssociationRejected as e:
+            raise UpstreamUnavailable(f"The PACS rejected the association (source {e.source}, reason {e.reason})")
+        except DimseTimeout:
+            raise UpstreamTimeout("The PACS did not accept the association in time")
+        except Exception:
+            raise UpstreamUnavailable("The PACS is unreachable")
+        try:
+            operation = association.get(identifier, model, storage=storage)
+        except (LookupError, ValueError) as e:
+            await _release(association)
+            raise BadRequest(f"The PACS cannot retrieve this query: {e}")
+        instances = []
+        try:
+            async for instance in operation.instances:
+                instances.append(
+                    {
+                        "sop_class_uid": instance.sop_class_uid,
+                        "sop_instance_uid": instance.sop_instance_uid,
+                        "transfer_syntax": instance.transfer_syntax,
+                        "path": instance.path,
+                        "size": instance.size,
+                    }
+                )
+            status = await operation.result
+        except DimseTimeout:
+            raise UpstreamTimeout("The PACS did not answer the retrieve in time")
+        except AssociationAborted:
+            raise UpstreamUnavailable("The PACS aborted the retrieve")
+        await _release(association)
+        counts = {
+            key: status.fields.get(keyword)
+            for key, keyword in zip(("remaining", "completed", "failed", "warning"), SUBOPERATION_COUNTS)
+            if status.fields.get(keyword) is not None
+        }
+        failed = dimse_status.is_failure(status.status)
+        answer = {
+            "operation": "get",
+            "success": not failed,
+            "remote_aet": options.aet,
+            "level": level,
+            "status": f"0x{status.status:04X}",
+            "counts": counts,
+            "stored": len(instances),
+            "storage_root": storage.root,
+            "instances": instances,
+        }
+        if failed:
+            answer["error"] = status.error_comment or "The PACS answered with a failure status"
+        return ResponseEnvelope.json(502 if failed and not instances else 200, answer)
+
+    def _retrieve_storage(self):
+        if self._storage is None:
+            from harmony.storage.filesystem import FilesystemStorage
+
+            config = self._config
+            base = config.storage.options.path if config is not None and config.storage.options else "./tmp"
+            root = os.path.join(base, "retrieved")
+            root = config.resolve_path(root) if config is not None else os.path.abspath(root)
+            self._storage = FilesystemStorage(root, reactor=self._reactor)
+            self._storage.startService()
+        return self._storage
+
     async def _http_store(self, envelope):
         # Bounded already: the HTTP side enforces [proxy.content_limits].
         data = await collect(envelope.body)
@@ -408,6 +519,8 @@ class DicomScuBackend:
         return results
 
     def close(self):
+        if self._storage is not None:
+            return defer.maybeDeferred(self._storage.stopService)
         return defer.succeed(None)
 
 

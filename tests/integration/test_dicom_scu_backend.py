@@ -355,3 +355,38 @@ def test_http_find_pacs_down(gateway):
     response = request(gateway["http_port"], "POST", "/down/find", b'{"patient_id": "x"}')
     assert response.status == 502
     assert response.json()["error"] == "bad_gateway"
+
+
+def test_http_get_stores_the_study(gateway, orthanc, tmp_path):
+    patient = "HTTPG" + generate_uid()[-10:]
+    ds, data = _instance()
+    ds.PatientID = patient
+    sources = []
+    for i, source in enumerate(("CT_small.dcm", "MR_small.dcm")):
+        one, _ = _instance(source)
+        one.PatientID = patient
+        one.StudyInstanceUID = ds.StudyInstanceUID
+        path = tmp_path / f"g{i}.dcm"
+        one.save_as(path, enforce_file_format=True)
+        sources.append((one, path))
+    result = dcmtk("storescu", "-aec", orthanc.aet, "127.0.0.1", orthanc.dicom_port, *[p for _, p in sources])
+    assert result.returncode == 0, result.stdout + result.stderr
+    query = {"operation": "C-GET", "level": "STUDY", "query": {"StudyInstanceUID": ds.StudyInstanceUID}}
+    response = request(gateway["http_port"], "POST", "/dicom/get", json.dumps(query).encode(),
+                       headers=[("Content-Type", "application/json")])
+    assert response.status == 200, response.body
+    body = response.json()
+    assert body["operation"] == "get" and body["success"] is True and body["status"] == "0x0000"
+    assert body["stored"] == 2 and body["counts"]["completed"] == 2
+    by_uid = {i["sop_instance_uid"]: i for i in body["instances"]}
+    for original, _ in sources:
+        stored = pydicom.dcmread(by_uid[original.SOPInstanceUID]["path"])
+        assert stored.PixelData == original.PixelData
+        assert stored.PatientID == patient
+        assert by_uid[original.SOPInstanceUID]["path"].startswith(body["storage_root"])
+
+
+def test_http_get_pacs_down(gateway):
+    response = request(gateway["http_port"], "POST", "/down/get", b'{"patient_id": "x", "query_level": "PATIENT"}')
+    assert response.status == 502
+    assert response.json()["error"] == "bad_gateway"
