@@ -347,16 +347,12 @@ class DicomScuBackend:
                 raise BadRequest('"query_model" must be "study" or "patient"')
         storage = self._retrieve_storage()
         options = self.options
-        try:
-            association = await self.client.associate_for_get(
+        association = await self._associate(
+            None,
+            connect=lambda: self.client.associate_for_get(
                 options.host, options.port, options.aet, RETRIEVE_SYNTAXES, models=(model,)
-            )
-        except AssociationRejected as e:
-            raise UpstreamUnavailable(f"The PACS rejected the association (source {e.source}, reason {e.reason})")
-        except DimseTimeout:
-            raise UpstreamTimeout("The PACS did not accept the association in time")
-        except Exception:
-            raise UpstreamUnavailable("The PACS is unreachable")
+            ),
+        )
         try:
             operation = association.get(identifier, model, storage=storage)
         except (LookupError, ValueError) as e:
@@ -449,12 +445,19 @@ class DicomScuBackend:
 
     # -- associations -------------------------------------------------------------
 
-    async def _associate(self, syntaxes, user_identity=None):
+    async def _associate(self, syntaxes, user_identity=None, connect=None):
+        """
+        An association with the PACS (C{connect}: another way to request
+        it, e.g. for C-GET); failures become typed upstream errors.
+        """
         options = self.options
+        if connect is None:
+
+            def connect():
+                return self.client.associate(options.host, options.port, options.aet, syntaxes, user_identity=user_identity)
+
         try:
-            return await self.client.associate(
-                options.host, options.port, options.aet, syntaxes, user_identity=user_identity
-            )
+            return await connect()
         except AssociationRejected as e:
             log.warn(
                 "Backend {backend}: association rejected by {aet} (source {source}, reason {reason})",
