@@ -157,7 +157,7 @@ def makeService(options):
     for network, app in sorted(gateway.apps.items()):
         http = config.networks[network].http
         endpoint = endpoints.serverFromString(reactor, listen_description(http.bind_address, http.bind_port))
-        listener = StreamServerEndpointService(_LoggingEndpoint(endpoint, network), make_site(app, reactor))
+        listener = StreamServerEndpointService(_LoggingEndpoint(endpoint, network), make_site(app, reactor, config.proxy.content_limits.max_body_size))
         # Fail startup (non-zero exit) when the address cannot be bound.
         listener._raiseSynchronously = True
         listener.setName(f"network:{network}")

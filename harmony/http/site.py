@@ -27,7 +27,7 @@ from twisted.web import server
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 
-from harmony.errors import HarmonyError, InternalError
+from harmony.errors import HarmonyError, InternalError, PayloadTooLarge
 from harmony.http.headers import json_error_body
 from harmony.logs import logger
 
@@ -132,11 +132,56 @@ class HarmonyRequest(server.Request):
     (the network resource is a leaf).
     """
 
+    _refused = False
+    _received = 0
+
     def __init__(self, *args, **kwargs):
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(*args, **kwargs)
 
+    # -- body size limit: refused before the body is read ----------------------
+
+    def _limit(self):
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_body_size", None)
+
+    def gotLength(self, length):
+        limit = self._limit()
+        if limit is not None and length is not None and length > limit:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        limit = self._limit()
+        if limit is not None and self._received > limit:
+            # A chunked body that outgrows the limit.
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self):
+        """
+        Answer 413 at once and close: the body is never read or stored.
+        """
+        self._refused = True
+        self.content = BytesIO()  # stays empty: chunks are dropped
+        # No "100 Continue" after this answer.
+        self.requestHeaders.removeHeader(b"expect")
+        body = json.dumps(json_error_body(PayloadTooLarge())).encode("utf-8")
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        transport.loseConnection()
+
     def process(self):
+        if self._refused:
+            return
         self.site = self.channel.site
         self.setHeader(b"Server", b"Harmony")
         self.setHeader(b"Date", http_date())
@@ -158,6 +203,9 @@ class HarmonySite(server.Site):
     noisy = False
     displayTracebacks = False
     requestFactory = HarmonyRequest
+    #: Request bodies larger than this get 413 before they are read
+    #: ([proxy.content_limits] max_body_size; None: no limit here).
+    max_body_size = None
 
     def log(self, request):
         pass
@@ -168,8 +216,10 @@ class HarmonySite(server.Site):
         return tempfile.TemporaryFile()
 
 
-def make_site(resource, reactor=None):
+def make_site(resource, reactor=None, max_body_size=None):
     """
     The Site of a network, given its L{NetworkResource}.
     """
-    return HarmonySite(resource, reactor=reactor)
+    site = HarmonySite(resource, reactor=reactor)
+    site.max_body_size = max_body_size
+    return site

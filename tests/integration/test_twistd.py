@@ -5,6 +5,7 @@ configurations, and C{harmony check-config}.
 """
 
 import base64
+import json
 import socket
 import subprocess
 
@@ -379,3 +380,35 @@ def test_check_config_rejects_bad_config(tmp_path):
     assert result.returncode == 1, result
     assert "backends.x_be.options.timeout_secs" in result.stderr
     assert "broken.toml" in result.stderr
+
+
+def test_oversized_body_refused_before_it_is_read(echo_gateway):
+    # Content-Length over [proxy.content_limits] max_body_size (10 MiB):
+    # 413 at once, without sending (or storing) the body.
+    with socket.create_connection(("127.0.0.1", echo_gateway.port), timeout=10) as s:
+        s.sendall(
+            b"POST /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        answer = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer
+    assert b"100 Continue" not in answer
+    assert json.loads(body) == {"error": "payload_too_large", "message": "Request body too large"}
+    # Chunked: refused once it outgrows the limit.
+    with socket.create_connection(("127.0.0.1", echo_gateway.port), timeout=10) as s:
+        s.sendall(b"POST /echo/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (1 << 20) + b"a" * (1 << 20) + b"\r\n"
+        try:
+            for _ in range(12):
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = s.recv(200)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert request(echo_gateway.port, "GET", "/echo/still").status == 200
