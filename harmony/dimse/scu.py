@@ -428,26 +428,10 @@ class ClientAssociation:
             raise ValueError(f"unknown C-FIND model {model!r} (expected one of {sorted(FIND_MODELS)} or a UID)")
         if "QueryRetrieveLevel" not in identifier:
             raise ValueError("a C-FIND identifier needs a QueryRetrieveLevel")
-        context = self.context_for(sop_class)
-        data = encode_identifier(identifier, context.transfer_syntax)
-        fields = {
-            "AffectedSOPClassUID": sop_class,
-            "CommandField": messages.C_FIND_RQ,
-            "MessageID": self._message_id(),
-            "Priority": priority,
-            "CommandDataSetType": messages.DATASET_PRESENT,
-        }
-        operation = FindOperation(self, context, fields["MessageID"], high_water)
-        if self._error is not None:
-            operation._failed(self._error)
-        elif self.association._closed:
-            operation._failed(AssociationAborted(message="the association has ended"))
-        else:
-            self._operations[operation.message_id] = operation
-            operation._start_timer()
-            sent = self.association.send_message(context.id, messages.encode_command(fields), data)
-            sent.addErrback(lambda f: self._fail(f.value) if not operation._done else None)
-        return operation
+        return self._query(
+            sop_class, messages.C_FIND_RQ, identifier, priority,
+            lambda context, message_id: FindOperation(self, context, message_id, high_water),
+        )
 
     def get(self, identifier, model="study", priority=0, storage=None, layout="{study}/{series}/{sop}.dcm",
             fsync=False, high_water=256):
@@ -483,16 +467,28 @@ class ClientAssociation:
             raise ValueError("a C-GET identifier needs a QueryRetrieveLevel")
         if storage is None:
             raise ValueError("a C-GET needs a storage for the instances it receives")
+        return self._query(
+            sop_class, messages.C_GET_RQ, identifier, priority,
+            lambda context, message_id: GetOperation(self, context, message_id, storage, layout, fsync, high_water),
+        )
+
+    def _query(self, sop_class, command_field, identifier, priority, make_operation):
+        """
+        Send a C-FIND/C-GET request and register the operation that will
+        take its responses.
+
+        @param make_operation: C{(context, message_id) -> operation}.
+        """
         context = self.context_for(sop_class)
         data = encode_identifier(identifier, context.transfer_syntax)
         fields = {
             "AffectedSOPClassUID": sop_class,
-            "CommandField": messages.C_GET_RQ,
+            "CommandField": command_field,
             "MessageID": self._message_id(),
             "Priority": priority,
             "CommandDataSetType": messages.DATASET_PRESENT,
         }
-        operation = GetOperation(self, context, fields["MessageID"], storage, layout, fsync, high_water)
+        operation = make_operation(context, fields["MessageID"])
         if self._error is not None:
             operation._failed(self._error)
         elif self.association._closed:
