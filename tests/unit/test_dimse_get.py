@@ -13,12 +13,12 @@ import os
 
 import pydicom
 import pytest
+from _deferreds import drain, failure_of, has_fired, result_of
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from harmony.dimse import messages, scu
@@ -52,38 +52,12 @@ SCP_SYNTAXES = {
 STORAGE = [(CT, [EXPLICIT])]
 
 
-def result_of(d):
-    box = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
-def failure_of(d, *kinds):
-    box = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    assert isinstance(box[0], Failure), f"expected a failure, got {box[0]!r}"
-    if kinds:
-        assert box[0].check(*kinds), box[0]
-    return box[0]
 
 
-def has_fired(d):
-    box = []
-    d.addBoth(lambda r: box.append(r) or r)
-    return bool(box)
 
 
-def drain(stream):
-    items = []
-    while True:
-        item = result_of(stream.read())
-        if item is EOF:
-            return items
-        items.append(item)
 
 
 def read_all(stream):

@@ -10,10 +10,10 @@ import re
 
 import pydicom
 import pytest
+from _deferreds import drain, failure_of, result_of
 from pydicom.data import get_testdata_file
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from harmony.dimse import messages, pdu
@@ -32,7 +32,7 @@ from harmony.envelope import DicomInstance, DicomResult, ResponseEnvelope
 from harmony.errors import UpstreamTimeout
 from harmony.storage.dicom import DEFAULT_LAYOUT
 from harmony.storage.filesystem import FilesystemStorage
-from harmony.streams import EOF, Stream
+from harmony.streams import Stream
 
 IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -73,38 +73,10 @@ def data_file(name):
     return get_testdata_file(name, download=False)
 
 
-def result_of(d):
-    """
-    The result of a Deferred that has fired (failures are raised).
-    """
-    box = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
-def failure_of(d, *kinds):
-    box = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    assert isinstance(box[0], Failure), f"expected a failure, got {box[0]!r}"
-    if kinds:
-        assert box[0].check(*kinds), box[0]
-    return box[0]
 
 
-def drain(stream):
-    """
-    All the items of a synchronous Stream.
-    """
-    items = []
-    while True:
-        item = result_of(stream.read())
-        if item is EOF:
-            return items
-        items.append(item)
 
 
 def dataset_bytes(path):
