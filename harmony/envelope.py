@@ -252,6 +252,11 @@ class DicomInstance:
     size = attr.ib(default=None)
     #: Where the Part 10 file is stored, when it is (filesystem path).
     path = attr.ib(default=None)
+    #: For a spooled copy (e.g. retrieved from a PACS only to be relayed):
+    #: a callable the consumer calls once it has finished with the
+    #: instance (sent it on, or given up), removing the copy; C{None} when
+    #: the instance is kept.
+    dispose = attr.ib(default=None)
 
 
 @attr.s(slots=True)
@@ -263,7 +268,11 @@ class DicomResult:
     @ivar error_comment: the Error Comment, if any.
     @ivar matches: for find: a L{Stream} of identifier datasets.
     @ivar instances: for get/move: a L{Stream} of L{DicomInstance}.
-    @ivar completed/failed/warning/remaining: sub-operation counts.
+    @ivar completed/failed/warning/remaining: sub-operation counts.  For
+        a streamed retrieve (C{instances} with C{done}) the producer keeps
+        them current as the upstream operation reports progress (the
+        upstream's own counts; C{None} while unknown), so a relay can
+        estimate what remains.
     @ivar done: for results that stream (C{matches}, C{instances}): a
         Deferred firing with C{(status, error_comment)} once the operation
         has ended (read the stream to its end first); C{None} when
