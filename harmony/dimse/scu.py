@@ -23,6 +23,15 @@ C-STORE sub-operation into a storage as it arrives:
     async for instance in get.instances:  # harmony.envelope.DicomInstance
         ...
     status = await get.result            # counts in status.fields
+
+C-MOVE asks the peer to send the instances to a move destination AE on
+associations of its own; the operation follows the responses (to receive
+the instances here, see L{harmony.dimse.move.MoveRouter}):
+
+    assoc = await client.associate_for_move(host, port, "PACS")
+    move = assoc.move(identifier, "HARMONY", model="study")
+    move.on_progress = lambda counts: ...   # remaining/completed/failed/warning
+    status = await move.result           # counts in status.fields
 """
 
 import struct
@@ -68,6 +77,11 @@ FIND_MODELS = {"patient": PATIENT_ROOT_FIND, "study": STUDY_ROOT_FIND}
 PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 GET_MODELS = {"patient": PATIENT_ROOT_GET, "study": STUDY_ROOT_GET}
+
+#: Query/Retrieve information models for C-MOVE (PS3.4 C.6).
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+MOVE_MODELS = {"patient": PATIENT_ROOT_MOVE, "study": STUDY_ROOT_MOVE}
 
 #: The sub-operation counts of C-GET/C-MOVE responses (PS3.7 9.1.3.1).
 SUBOPERATION_COUNTS = (
@@ -326,8 +340,17 @@ class ClientAssociation:
         )
 
     def _message_id(self):
-        self._next_id = self._next_id % 65535 + 1
-        return self._next_id
+        """
+        The next message ID of this association (1..65535, wrapping), one
+        that no request in progress uses (a caller may have picked IDs:
+        L{move}).
+        """
+        operations, pending = self._operations, self._pending
+        for _ in range(65535):
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in operations and self._next_id not in pending:
+                return self._next_id
+        raise RuntimeError("every message ID is in use on this association")
 
     def _request(self, context_id, fields, dataset=None):
         if self._error is not None:
@@ -472,22 +495,66 @@ class ClientAssociation:
             lambda context, message_id: GetOperation(self, context, message_id, storage, layout, fsync, high_water),
         )
 
-    def _query(self, sop_class, command_field, identifier, priority, make_operation):
+    def move(self, identifier, destination, model="study", priority=0, message_id=None):
         """
-        Send a C-FIND/C-GET request and register the operation that will
-        take its responses.
+        C-MOVE (PS3.4 C.4.2, PS3.7 9.1.4): the peer sends what
+        C{identifier} names to the AE C{destination} as C-STORE
+        sub-operations on associations of its own.
+
+        @param identifier: a pydicom C{Dataset} with QueryRetrieveLevel and
+            the unique keys of what to move.
+        @param destination: the Move Destination AE title (one the peer
+            knows).
+        @param model: C{"study"}, C{"patient"} or a C-MOVE SOP class UID.
+        @param priority: 0 medium, 1 high, 2 low.
+        @param message_id: the C-MOVE-RQ's Message ID (1..65535), when the
+            caller allocates it (L{harmony.dimse.move.MoveRouter} does, so
+            that the sub-operations coming back can be routed); C{None}:
+            the association's next one.
+        @raise LookupError: no accepted context for the model.
+        @raise ValueError: an unknown model, an invalid destination, no
+            QueryRetrieveLevel, an identifier that cannot be encoded, or a
+            message ID out of range or in use on this association.
+        @rtype: L{MoveOperation}
+        """
+        sop_class = MOVE_MODELS.get(model, model)
+        if "." not in sop_class:
+            raise ValueError(f"unknown C-MOVE model {model!r} (expected one of {sorted(MOVE_MODELS)} or a UID)")
+        pdu.validate_ae_title(destination, "move destination")
+        if "QueryRetrieveLevel" not in identifier:
+            raise ValueError("a C-MOVE identifier needs a QueryRetrieveLevel")
+        if message_id is not None:
+            if not isinstance(message_id, int) or not 1 <= message_id <= 65535:
+                raise ValueError(f"message ID {message_id!r} is not in 1..65535")
+            if message_id in self._operations or message_id in self._pending:
+                raise ValueError(f"message ID {message_id} is in use on this association")
+        return self._query(
+            sop_class, messages.C_MOVE_RQ, identifier, priority,
+            lambda context, mid: MoveOperation(self, context, mid, destination),
+            extra_fields={"MoveDestination": destination}, message_id=message_id,
+        )
+
+    def _query(self, sop_class, command_field, identifier, priority, make_operation, extra_fields=None,
+               message_id=None):
+        """
+        Send a C-FIND/C-GET/C-MOVE request and register the operation that
+        will take its responses.
 
         @param make_operation: C{(context, message_id) -> operation}.
+        @param extra_fields: more command fields (Move Destination).
+        @param message_id: the request's message ID (C{None}: the next).
         """
         context = self.context_for(sop_class)
         data = encode_identifier(identifier, context.transfer_syntax)
         fields = {
             "AffectedSOPClassUID": sop_class,
             "CommandField": command_field,
-            "MessageID": self._message_id(),
+            "MessageID": message_id if message_id is not None else self._message_id(),
             "Priority": priority,
             "CommandDataSetType": messages.DATASET_PRESENT,
         }
+        if extra_fields:
+            fields.update(extra_fields)
         operation = make_operation(context, fields["MessageID"])
         if self._error is not None:
             operation._failed(self._error)
@@ -557,7 +624,123 @@ class _Backpressure:
         self._operation.cancel()
 
 
-class FindOperation:
+class _Operation:
+    """
+    A request answered by one or more responses (C-FIND, C-GET, C-MOVE):
+    the DIMSE timer between responses, C-CANCEL and the final result.
+
+    @ivar result: Deferred[L{DimseStatus}] (see the subclasses).
+    @ivar message_id: the request's message ID.
+    @ivar context: the presentation context used.
+    @ivar cancel_requested: C{True} once L{cancel} sent a C-CANCEL-RQ.
+    """
+
+    #: The DIMSE service, for messages.
+    _kind = "DIMSE"
+
+    def __init__(self, client_association, context, message_id):
+        self._ca = client_association
+        self.context = context
+        self.message_id = message_id
+        self.result = defer.Deferred()
+        self.cancel_requested = False
+        self._done = False
+        self._timer = None
+
+    # -- the DIMSE timer --------------------------------------------------
+
+    def _timer_suspended(self):
+        """
+        C{True} while the wait is ours, not the peer's (no timer then).
+        """
+        return False
+
+    def _start_timer(self):
+        """
+        Start the DIMSE timer, or restart it when it runs.
+        """
+        if self._done or self._timer_suspended():
+            return
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self._ca._dimse_timeout)
+        else:
+            self._timer = self._ca._client.reactor.callLater(self._ca._dimse_timeout, self._timed_out)
+
+    def _stop_timer(self):
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timeout_message(self):
+        return f"no {self._kind} response to message {self.message_id} in {self._ca._dimse_timeout}s"
+
+    def _timed_out(self):
+        self._timer = None
+        if self._done:
+            return
+        ca = self._ca
+        if ca._receiving is self:
+            ca._receiving = None
+        self._failed(DimseTimeout(self._timeout_message()))
+        ca.association.abort(0, 0)
+        ca._fail(AssociationAborted(0, 0, "association aborted after a DIMSE timeout"))
+
+    # -- ending ---------------------------------------------------------------
+
+    def _unregister(self):
+        operations = self._ca._operations
+        if operations.get(self.message_id) is self:
+            del operations[self.message_id]
+
+    def _ended(self, error=None):
+        """
+        The operation has just ended (C{error}: how it failed, or C{None}):
+        release what it holds, before its result fires.
+        """
+
+    def _end(self, status):
+        if self._done:
+            return
+        self._done = True
+        self._stop_timer()
+        self._unregister()
+        self._ended()
+        self.result.callback(status)
+
+    def _failed(self, error):
+        if self._done:
+            return
+        self._done = True
+        self._stop_timer()
+        self._unregister()
+        self._ended(error)
+        self.result.errback(error)
+
+    # -- requests -------------------------------------------------------------
+
+    def cancel(self):
+        """
+        Send a C-CANCEL-RQ for this operation (once; nothing when it has
+        ended).  The operation then ends with the peer's final status
+        (0xFE00, or whatever it answers).
+        """
+        if self._done or self.cancel_requested:
+            return
+        self.cancel_requested = True
+        ca = self._ca
+        if ca._error is not None or ca.association is None or ca.association._closed:
+            return
+        fields = {
+            "CommandField": messages.C_CANCEL_RQ,
+            "MessageIDBeingRespondedTo": self.message_id,
+            "CommandDataSetType": messages.NO_DATASET,
+        }
+        sent = ca.association.send_message(self.context.id, messages.encode_command(fields))
+        sent.addErrback(lambda f: ca._fail(f.value))
+
+
+class FindOperation(_Operation):
     """
     One C-FIND in progress.
 
@@ -579,46 +762,17 @@ class FindOperation:
     @ivar context: the presentation context used.
     """
 
+    _kind = "C-FIND"
+
     def __init__(self, client_association, context, message_id, high_water=256):
-        self._ca = client_association
-        self.context = context
-        self.message_id = message_id
+        _Operation.__init__(self, client_association, context, message_id)
         self.matches = Stream(high_water=high_water)
         self._backpressure = _Backpressure(self)
         self.matches.attach_producer(self._backpressure)
-        self.result = defer.Deferred()
-        self.cancel_requested = False
-        self._done = False
-        self._timer = None
         self._identifier = None
 
-    # -- the DIMSE timer --------------------------------------------------
-
-    def _start_timer(self):
-        if self._done or self._backpressure.paused:
-            return
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(self._ca._dimse_timeout)
-        else:
-            self._timer = self._ca._client.reactor.callLater(self._ca._dimse_timeout, self._timed_out)
-
-    def _stop_timer(self):
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _timed_out(self):
-        self._timer = None
-        if self._done:
-            return
-        ca = self._ca
-        ca._operations.pop(self.message_id, None)
-        if ca._receiving is self:
-            ca._receiving = None
-        self._failed(DimseTimeout(f"no C-FIND response to message {self.message_id} in {ca._dimse_timeout}s"))
-        ca.association.abort(0, 0)
-        ca._fail(AssociationAborted(0, 0, "association aborted after a DIMSE timeout"))
+    def _timer_suspended(self):
+        return self._backpressure.paused
 
     # -- responses ----------------------------------------------------------
 
@@ -636,7 +790,6 @@ class FindOperation:
                 ca._receiving = self
             return
         # The final response.
-        ca._operations.pop(self.message_id, None)
         if command.has_dataset:
             ca._receiving = _DISCARD
         self._end(DimseStatus(status, fields.get("ErrorComment"), fields))
@@ -661,55 +814,174 @@ class FindOperation:
             self.matches.write(match)
 
     def _invalid(self, message):
-        ca = self._ca
-        ca._operations.pop(self.message_id, None)
         self._failed(InvalidResponse(message))
-        ca._protocol_error(message)
+        self._ca._protocol_error(message)
 
     # -- ending ---------------------------------------------------------------
 
-    def _end(self, status):
-        if self._done:
-            return
-        self._done = True
-        self._stop_timer()
+    def _ended(self, error=None):
         self._backpressure.resumeProducing()
-        self.matches.finish()
-        self.result.callback(status)
+        if error is None:
+            self.matches.finish()
+        else:
+            self.matches.fail(error)
 
-    def _failed(self, error):
-        if self._done:
-            return
-        self._done = True
-        self._stop_timer()
-        self._backpressure.resumeProducing()
-        self.matches.fail(error)
-        self.result.errback(error)
 
-    # -- requests -------------------------------------------------------------
+def suboperation_counts(fields):
+    """
+    The sub-operation counts of a C-GET/C-MOVE response.
 
-    def cancel(self):
-        """
-        Send a C-CANCEL-RQ for this find (once; nothing when it has ended).
-        The operation then ends with the peer's final status (0xFE00, or
-        whatever it answers); matches that still arrive are delivered.
-        """
-        if self._done or self.cancel_requested:
-            return
-        self.cancel_requested = True
+    @param fields: the response's command fields.
+    @return: C{{"remaining": ..., "completed": ..., "failed": ...,
+        "warning": ...}}, each an C{int} or C{None} when the response does
+        not carry it.
+    """
+    return {name: fields.get(keyword) for name, keyword in zip(_COUNT_NAMES, SUBOPERATION_COUNTS)}
+
+
+_COUNT_NAMES = ("remaining", "completed", "failed", "warning")
+
+
+def merge_final_counts(final, pending):
+    """
+    The fields of a final C-GET/C-MOVE response with the completed, failed
+    and warning counts it lacks taken from the last pending response
+    (Remaining is not carried over: a final response has none left).
+
+    @param final: the final response's fields.
+    @param pending: the last pending response's fields, or C{None}.
+    @rtype: C{dict}
+    """
+    merged = dict(final)
+    if pending is not None:
+        for key in SUBOPERATION_COUNTS[1:]:
+            if merged.get(key) is None and pending.get(key) is not None:
+                merged[key] = pending[key]
+    return merged
+
+
+class _Retrieve:
+    """
+    What C-GET and C-MOVE share (PS3.4 C.4.2/C.4.3, PS3.7 9.1.3/9.1.4):
+    pending responses carrying sub-operation counts, and a final one whose
+    missing counts come from the last pending.  Mixed into an
+    L{_Operation}.
+
+    @ivar pending: the fields of the last pending response, or C{None}.
+    @ivar on_progress: C{None} or a callable given L{suboperation_counts}
+        of each pending response as it arrives.
+    """
+
+    #: The response's command field.
+    _response_field = None
+
+    def _init_retrieve(self):
+        self.pending = None
+        self.on_progress = None
+        self._final = None
+
+    def _response(self, command):
         ca = self._ca
-        if ca._error is not None or ca.association is None or ca.association._closed:
+        fields = command.fields
+        status = fields.get("Status")
+        if fields.get("CommandField") != self._response_field or status is None or self._final is not None:
+            ca._protocol_error(
+                f"a response to a {self._kind} that is not a {self._kind}-RSP with a status, or after its final one"
+            )
             return
-        fields = {
-            "CommandField": messages.C_CANCEL_RQ,
-            "MessageIDBeingRespondedTo": self.message_id,
-            "CommandDataSetType": messages.NO_DATASET,
-        }
-        sent = ca.association.send_message(self.context.id, messages.encode_command(fields))
-        sent.addErrback(lambda f: ca._fail(f.value))
+        if command.has_dataset:
+            # Pending responses carry none; a final one may carry the
+            # Failed SOP Instance UID List (not kept).
+            ca._receiving = _DISCARD
+        if status in (PENDING, PENDING_WARNING):
+            self.pending = fields
+            self._start_timer()
+            self._progress(fields)
+            return
+        self._final = DimseStatus(status, fields.get("ErrorComment"), merge_final_counts(fields, self.pending))
+        self._maybe_end()
+
+    def _progress(self, fields):
+        callback = self.on_progress
+        if callback is None:
+            return
+        try:
+            callback(suboperation_counts(fields))
+        except Exception:
+            log.failure("The progress callback of a {kind} failed", kind=self._kind)
+
+    def _busy(self):
+        """
+        C{True} while sub-operations on this association are unfinished.
+        """
+        return False
+
+    def _maybe_end(self):
+        if self._final is not None and not self._busy():
+            self._end(self._final)
+
+    def fragment(self, data, last):  # pragma: no cover - responses never carry one we keep
+        pass
 
 
-class GetOperation(FindOperation):
+class MoveOperation(_Retrieve, _Operation):
+    """
+    One C-MOVE in progress (PS3.4 C.4.2, PS3.7 9.1.4): the peer sends the
+    matching instances to the move destination AE on associations of its
+    own; this operation only follows the C-MOVE-RSPs (for instances sent
+    back to Harmony see L{harmony.dimse.move.MoveRouter}).
+
+    @ivar result: Deferred[L{DimseStatus}] firing with the final status
+        (success, warning 0xB000, cancel 0xFE00, or a failure such as
+        0xA701/0xA702/0xA801/0xC000 — not an errback); its C{fields} carry
+        the sub-operation counts, those missing from the final response
+        taken from the last pending one.  It fails with L{DimseTimeout},
+        L{AssociationAborted} or L{InvalidResponse}.
+    @ivar pending: the fields of the last pending C-MOVE-RSP, or C{None}.
+    @ivar on_progress: C{None} or a callable given L{suboperation_counts}
+        (keys C{remaining}, C{completed}, C{failed}, C{warning}; C{int} or
+        C{None}) of each pending response.
+    @ivar destination: the Move Destination AE title.
+
+    The DIMSE timer runs between responses and restarts with each pending
+    one (as for C-GET); L{keep_alive} restarts it and L{suspend_timeout}
+    stops it while the wait is ours (the receiver of the sub-operations is
+    slow: see L{harmony.dimse.move.IncomingMove.follow}).
+    """
+
+    _kind = "C-MOVE"
+    _response_field = messages.C_MOVE_RSP
+
+    def __init__(self, client_association, context, message_id, destination):
+        _Operation.__init__(self, client_association, context, message_id)
+        self._init_retrieve()
+        self.destination = destination
+        self._suspended = False
+
+    def _timer_suspended(self):
+        return self._suspended
+
+    def keep_alive(self):
+        """
+        Restart the DIMSE timer: the peer is working on the move (one of
+        its sub-operations arrived elsewhere).
+        """
+        self._start_timer()
+
+    def suspend_timeout(self):
+        """
+        Stop the DIMSE timer until L{resume_timeout}: the peer waits for us.
+        """
+        self._suspended = True
+        self._stop_timer()
+
+    def resume_timeout(self):
+        if self._suspended:
+            self._suspended = False
+            self._start_timer()
+
+
+class GetOperation(_Retrieve, FindOperation):
     """
     One C-GET in progress.
 
@@ -734,47 +1006,33 @@ class GetOperation(FindOperation):
     @ivar stored: sub-operations stored and answered Success here.
     @ivar refused: sub-operations answered with a failure here.
     @ivar pending: the fields of the last pending C-GET-RSP, or C{None}.
+    @ivar on_progress: C{None} or a callable given L{suboperation_counts}
+        of each pending C-GET-RSP.
     """
 
+    _kind = "C-GET"
+    _response_field = messages.C_GET_RSP
+
     def __init__(self, client_association, context, message_id, storage, layout, fsync=False, high_water=256):
-        from harmony.dimse.substore import GetStoreService
+        from harmony.dimse.substore import SubStoreService
 
         FindOperation.__init__(self, client_association, context, message_id, high_water)
+        self._init_retrieve()
         self.instances = self.matches
         self.storage = storage
         self.stored = 0
         self.refused = 0
-        self.pending = None
-        self._final = None
         self._subs = []
-        self._service = GetStoreService(self, storage, layout, fsync=fsync)
+        self._service = SubStoreService(self, storage, layout, fsync=fsync, sender="called")
 
-    # -- responses ----------------------------------------------------------
-
-    def _response(self, command):
-        ca = self._ca
-        fields = command.fields
-        status = fields.get("Status")
-        if fields.get("CommandField") != messages.C_GET_RSP or status is None or self._final is not None:
-            ca._protocol_error("a response to a C-GET that is not a C-GET-RSP with a status, or after its final one")
-            return
-        if command.has_dataset:
-            # Pending responses carry none; a final one may carry the
-            # Failed SOP Instance UID List (not kept).
-            ca._receiving = _DISCARD
-        if status in (PENDING, PENDING_WARNING):
-            self.pending = fields
-            self._start_timer()
-            return
-        final = dict(fields)
-        if self.pending is not None:
-            for key in SUBOPERATION_COUNTS[1:]:
-                if final.get(key) is None and self.pending.get(key) is not None:
-                    final[key] = self.pending[key]
-        self._final = DimseStatus(status, fields.get("ErrorComment"), final)
-        self._maybe_end()
+    def _timeout_message(self):
+        return (f"no C-GET response or sub-operation for message {self.message_id} "
+                f"in {self._ca._dimse_timeout}s")
 
     # -- sub-operations -------------------------------------------------------
+
+    def _busy(self):
+        return bool(self._subs)
 
     def _store_request(self, context, command):
         ca = self._ca
@@ -800,46 +1058,21 @@ class GetOperation(FindOperation):
             self._start_timer()
         self._maybe_end()
 
-    def _maybe_end(self):
-        if self._final is not None and not self._subs:
-            self._end(self._final)
-
-    def fragment(self, data, last):  # pragma: no cover - responses never carry one we keep
-        pass
+    def _sub_aborted(self, operation):
+        if operation in self._subs:
+            self._subs.remove(operation)
 
     # -- ending ---------------------------------------------------------------
 
-    def _end(self, status):
-        if self._done:
-            return
-        self._ca._operations.pop(self.message_id, None)
-        FindOperation._end(self, status)
-        self._drop_spare()
-
-    def _failed(self, error):
-        if self._done:
-            return
-        self._ca._operations.pop(self.message_id, None)
-        ca = self._ca
-        subs, self._subs = self._subs, []
-        for operation in subs:
-            if ca._receiving is not None and getattr(ca._receiving, "operation", None) is operation:
-                ca._receiving = None
-            operation.aborted(ca.association)
-        FindOperation._failed(self, error)
-        self._drop_spare()
-
-    def _timed_out(self):
-        self._timer = None
-        if self._done:
-            return
-        ca = self._ca
-        self._failed(DimseTimeout(f"no C-GET response or sub-operation for message {self.message_id} "
-                                  f"in {ca._dimse_timeout}s"))
-        ca.association.abort(0, 0)
-        ca._fail(AssociationAborted(0, 0, "association aborted after a DIMSE timeout"))
-
-    def _drop_spare(self):
+    def _ended(self, error=None):
+        if error is not None:
+            ca = self._ca
+            subs, self._subs = self._subs, []
+            for operation in subs:
+                if getattr(ca._receiving, "operation", None) is operation:
+                    ca._receiving = None
+                operation.aborted(ca.association)
+        FindOperation._ended(self, error)
         association = self._ca.association
         if association is not None:
             self._service.drop_spare(association)
@@ -1090,6 +1323,26 @@ class DicomClient:
         roles = [pdu.RoleSelection(sop_class, False, True) for sop_class, _ in storage_syntaxes]
         return self.associate(host, port, called_aet, syntaxes, calling_aet=calling_aet, roles=roles,
                               user_identity=user_identity)
+
+    def associate_for_move(self, host, port, called_aet, models=("study",), calling_aet=None, user_identity=None,
+                           query_syntaxes=(EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN), extra_syntaxes=()):
+        """
+        Open an association for C-MOVE: a context per MOVE model (the
+        instances travel on other associations, so no storage contexts).
+
+        @param models: C{"study"}, C{"patient"} or C-MOVE SOP class UIDs.
+        @param extra_syntaxes: more C{(abstract syntax, [transfer
+            syntax, ...])} to propose (e.g. Verification).
+        @return: Deferred[L{ClientAssociation}]
+        """
+        syntaxes = []
+        for model in models:
+            sop_class = MOVE_MODELS.get(model, model)
+            if "." not in sop_class:
+                raise ValueError(f"unknown C-MOVE model {model!r}")
+            syntaxes.append((sop_class, list(query_syntaxes)))
+        syntaxes += [(a, list(ts)) for a, ts in extra_syntaxes]
+        return self.associate(host, port, called_aet, syntaxes, calling_aet=calling_aet, user_identity=user_identity)
 
     def _associate_timeout(self, ca, connecting):
         if ca._ready.called:

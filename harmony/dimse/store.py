@@ -6,6 +6,10 @@ template, the data set never parsed), the file is committed atomically,
 and then the instance goes through the endpoint's pipeline.  The
 C-STORE-RSP is Success only when the file is written and the pipeline
 succeeded; otherwise a PS3.4 failure status with an Error Comment.
+
+With a L{harmony.dimse.move.MoveRouter}, a C-STORE-RQ that is a
+sub-operation of a C-MOVE Harmony asked for is handed to that move instead
+(stored into its storage, delivered on its instance stream; no pipeline).
 """
 
 from twisted.internet import defer
@@ -36,15 +40,21 @@ class StoreService:
     @param fsync: make each file durable before answering.
     @param pipeline: C{(executor, endpoint)} the instance is sent through,
         or C{None} to store only.
+    @param router: a L{harmony.dimse.move.MoveRouter} (or anything with
+        C{route(association, command) -> service or None}): C-STORE-RQs it
+        routes are answered by the service it names (the sub-operations of
+        a C-MOVE in flight), the others here as before; C{None}: none.
     """
 
-    def __init__(self, storage, layout, fsync=False, pipeline=None):
+    def __init__(self, storage, layout, fsync=False, pipeline=None, router=None):
         self.storage = storage
         self.layout = layout
         self.fsync = fsync
         self.pipeline = pipeline
+        self.router = router
         self._spares = {}
         self._hooked = set()
+        self._spares_off = False
 
     # -- spare writers: the next instance's temporary file is created in the
     # -- thread pool while the peer prepares that instance.
@@ -58,7 +68,7 @@ class StoreService:
 
     def prepare_writer(self, association):
         prepare = getattr(self.storage, "prepare_writer", None)
-        if prepare is None or association._closed or association in self._spares:
+        if prepare is None or self._spares_off or association._closed or association in self._spares:
             return
         if association not in self._hooked:
             self._hooked.add(association)
@@ -87,12 +97,40 @@ class StoreService:
             spare.abort()
         return result
 
+    def drop_spare(self, association):
+        """
+        Abort the spare writer prepared for a next instance on
+        C{association} (no more are expected there).
+        """
+        self._drop_spare(None, association)
+
+    def drop_spares(self):
+        """
+        Abort every spare writer and prepare no more (this service's work is
+        over: the C-MOVE it received instances for has ended).
+        """
+        self._spares_off = True
+        for association in list(self._spares):
+            self._drop_spare(None, association)
+
     def _new_operation(self, association, context, command):
         # A subclass answers C-STORE sub-operations of a C-GET with its own
         # kind of operation (harmony.dimse.substore).
         return _StoreOperation(self, association, context, command)
 
     def start(self, association, context, command):
+        """
+        A C-STORE-RQ: the object its data set fragments go to (C{None} when
+        it has none and was answered already).
+        """
+        router = self.router
+        if router is not None:
+            service = router.route(association, command)
+            if service is not None:
+                return service.start(association, context, command)
+        return self._start(association, context, command)
+
+    def _start(self, association, context, command):
         operation = self._new_operation(association, context, command)
         if operation.sop_class_uid != context.abstract_syntax:
             operation.fail(
