@@ -38,12 +38,18 @@ class Gateway:
     def endpoint_services(self, reactor):
         """
         The services of endpoints that listen themselves (DICOM SCPs), each
-        bound to its pipeline's executor.  Called once, at startup.
+        bound to its pipeline's executor, and of backends that listen too
+        (a C{dicom_scu} backend's persistent C-MOVE store SCP).  Called
+        once, at startup.
         """
         services = []
         for pname, pipeline in self.config.pipelines.items():
             for ename in pipeline.endpoints:
                 services += self.endpoints[ename].services(self.executors[pname], reactor)
+        for name in sorted(self.backends):
+            backend_services = getattr(self.backends[name], "services", None)
+            if backend_services is not None:
+                services += backend_services(reactor)
         return services
 
     def close(self):

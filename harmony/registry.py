@@ -46,12 +46,22 @@ class BuildContext:
     @ivar agent: the shared C{IAgent} (connection pool) for outbound HTTP.
     @ivar http_client: a C{treq.client.HTTPClient} over C{agent}.
     @ivar config: the L{harmony.config.HarmonyConfig}.
+    @ivar move_router: the L{harmony.dimse.move.MoveRouter} shared by the
+        gateway's DICOM endpoints and backends (C-MOVE instances received
+        by an SCP reach the move that asked for them).
     """
 
     reactor = attr.ib(default=None)
     agent = attr.ib(default=None)
     http_client = attr.ib(default=None)
     config = attr.ib(default=None)
+    move_router = attr.ib(factory=lambda: _new_move_router())
+
+
+def _new_move_router():
+    from harmony.dimse.move import MoveRouter
+
+    return MoveRouter()
 
 
 def _markable(cls):

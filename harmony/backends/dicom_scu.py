@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from harmony.config.schema import REQUIRED, Field, Int, Number, Schema, Str, from_validator
+from harmony.config.schema import REQUIRED, Bool, Field, Int, Number, Schema, Str, from_validator
 from harmony.dimse import status as dimse_status
 from harmony.dimse.association import AssociationAborted, AssociationRejected, AssociationSettings
 from harmony.dimse.messages import VERIFICATION_SOP_CLASS
@@ -55,6 +55,16 @@ OPTIONS = Schema(
         "timeout_secs": Field(Number(min=0.001), 30.0, "DIMSE response timeout"),
         "connect_timeout_secs": Field(Number(min=0.001), 10.0, "TCP connect + association"),
         "query_model": Field(Str(choices=("study", "patient"), lower=True), "study", "C-FIND information model"),
+        "dimse_retrieve_mode": Field(
+            Str(choices=("get", "move"), lower=True), "get",
+            "how instances are retrieved when the request does not name the operation (DIMSE relays, DICOMweb, JMIX)",
+        ),
+        "incoming_store_port": Field(
+            Int(min=1, max=65535), 11123, "where the PACS sends the instances of a C-MOVE to local_aet"
+        ),
+        "incoming_bind_addr": Field(Str(nonempty=True), "0.0.0.0", "the address of the C-MOVE store SCP"),
+        "persistent_store_scp": Field(Bool(), False, "keep the C-MOVE store SCP listening between moves"),
+        "storage_dir": Field(Str(), "", "where retrieved instances are kept (default: <storage path>/retrieved)"),
     }
 )
 
@@ -79,6 +89,9 @@ def _retrieve_syntaxes():
 
 #: What a retrieve over HTTP accepts (stored as received, never transcoded).
 RETRIEVE_SYNTAXES = _retrieve_syntaxes()
+
+#: The operation of a seed-shaped request (C{{"operation": "C-FIND", ...}}).
+_OPERATION_NAMES = {"C-ECHO": "echo", "C-FIND": "find", "C-GET": "get", "C-MOVE": "move"}
 
 #: Matches an HTTP JSON answer may hold (it is collected in memory).
 MAX_JSON_MATCHES = 10000
@@ -179,12 +192,62 @@ class DicomScuBackend:
     service_type = "dicom_scu"
 
     def __init__(self, name, options, context):
+        from harmony.backends.dicom_retrieve import Retriever
+
         self.name = name
         self.options = options
         self._reactor = context.reactor
         self._config = context.config
         self._client = None
         self._storage = None
+        self._spool = None
+        router = getattr(context, "move_router", None)
+        if router is None:
+            from harmony.dimse.move import MoveRouter
+
+            router = MoveRouter()
+        self.retriever = Retriever(self, router, shared_scp=self._shared_scp())
+
+    def _shared_scp(self):
+        """
+        Whether a C{dicom_scp} endpoint of this gateway listens on
+        C{incoming_store_port} (then it receives the moves' instances).
+
+        @raise ConfigError: that endpoint cannot receive them.
+        """
+        config = self._config
+        port = self.options.incoming_store_port
+        for name, entry in (config.endpoints.items() if config is not None else ()):
+            if entry.service != "dicom_scp" or entry.options.port != port:
+                continue
+            problem = None
+            if not entry.options.enable_store:
+                problem = "it does not have enable_store = true"
+            elif entry.options.require_called_aet and entry.options.local_aet != self.options.local_aet:
+                problem = (
+                    f"its local_aet {entry.options.local_aet!r} differs from this backend's local_aet "
+                    f"{self.options.local_aet!r} (the C-MOVE destination)"
+                )
+            if problem is not None:
+                from harmony.config.errors import ConfigError
+
+                raise ConfigError(
+                    f"backends.{self.name}.options.incoming_store_port: {port} is the port of dicom_scp "
+                    f"endpoint {name!r}, which cannot receive C-MOVE instances: {problem}",
+                    getattr(entry, "file", None),
+                )
+            return True
+        return False
+
+    def services(self, reactor):
+        """
+        With C{persistent_store_scp} (and move retrieves): the store SCP
+        that receives C-MOVE instances, listening from startup.
+        """
+        options = self.options
+        if not options.persistent_store_scp or self.retriever.shared_scp:
+            return []
+        return [self.retriever.persistent_service()]
 
     @property
     def client(self):
@@ -208,19 +271,26 @@ class DicomScuBackend:
         operation = envelope.details.path.strip("/").rsplit("/", 1)[-1].lower()
         if operation == "echo":
             return await self._http_echo()
-        if operation == "store":
+        if operation == "":
+            # The seeds' shape: POST {prefix} {"operation": "C-FIND", ...}.
             if envelope.details.method != "POST":
-                raise BadRequest("Use POST to store instances")
-            return await self._http_store(envelope)
-        if operation == "find":
+                raise BadRequest('Use POST with a JSON body naming the "operation"')
+            body = await envelope.parse_body()
+            named = body.get("operation") if isinstance(body, dict) else None
+            operation = _OPERATION_NAMES.get(str(named).upper()) if named is not None else None
+            if operation is None:
+                raise BadRequest('"operation" must be one of C-ECHO, C-FIND, C-GET, C-MOVE')
+            if operation == "echo":
+                return await self._http_echo()
+        if operation in ("store", "find", "get", "move"):
             if envelope.details.method != "POST":
-                raise BadRequest("Use POST with a JSON query to find")
-            return await self._http_find(envelope)
-        if operation == "get":
-            if envelope.details.method != "POST":
-                raise BadRequest("Use POST with a JSON query to retrieve")
-            return await self._http_get(envelope)
-        raise NotFound("Unknown DICOM operation (this backend answers /echo, /find, /get and /store)")
+                raise BadRequest(f"Use POST to {operation}")
+            if operation == "store":
+                return await self._http_store(envelope)
+            if operation == "find":
+                return await self._http_find(envelope)
+            return await self._http_retrieve(envelope, operation)
+        raise NotFound("Unknown DICOM operation (this backend answers /echo, /find, /get, /move and /store)")
 
     # -- DIMSE requests -------------------------------------------------------
 
@@ -243,7 +313,16 @@ class DicomScuBackend:
             return _dimse_response(dimse_status.SUCCESS, None)
         if request.operation == "find":
             return await self._find(request)
-        raise BadRequest(f"The dicom_scu backend does not answer {request.operation} requests in this version")
+        if request.operation in ("get", "move"):
+            # Retrieved to be relayed (the SCP sends each instance on, then
+            # disposes of the spooled copy); how is dimse_retrieve_mode's
+            # choice, whatever the requester's operation was.
+            spool = self._spool_storage()
+            result = await self.retriever.retrieve(request, spool, dispose=_disposer(spool))
+            response = ResponseEnvelope(status=200)
+            response.dicom = result
+            return response
+        raise BadRequest(f"The dicom_scu backend does not answer {request.operation} requests")
 
     async def _find(self, request):
         """
@@ -330,84 +409,107 @@ class DicomScuBackend:
             body["error"] = comment or "The PACS answered with a failure status"
         return ResponseEnvelope.json(502 if failed else 200, body)
 
-    async def _http_get(self, envelope):
+    async def _http_retrieve(self, envelope, operation):
         """
-        C{POST {prefix}/get}: C-GET of what the JSON query names; the
-        instances are stored under C{[storage.options] path}/retrieved and
-        the answer gives the counts and where each one was stored.
+        C{POST {prefix}/get} and C{/move}: retrieve what the JSON query
+        names into C{<storage path>/retrieved} (or C{storage_dir}) and
+        answer with the counts and where each instance was stored.  A move
+        with a C{"destination"} is a third-party move: the PACS sends the
+        instances to that AE and only the counts come back.
         """
-        from harmony.dimse.scu import GET_MODELS, SUBOPERATION_COUNTS
-
         body = await envelope.parse_body()
         identifier, level = find_identifier(body, return_keys=False)
         model = self.options.query_model
         if isinstance(body, dict) and isinstance(body.get("query_model"), str):
             model = body["query_model"].lower()
-            if model not in GET_MODELS:
+            if model not in ("study", "patient"):
                 raise BadRequest('"query_model" must be "study" or "patient"')
-        storage = self._retrieve_storage()
+        request = DicomRequest(operation, query_model=model, level=level, identifier=identifier)
         options = self.options
-        association = await self._associate(
-            None,
-            connect=lambda: self.client.associate_for_get(
-                options.host, options.port, options.aet, RETRIEVE_SYNTAXES, models=(model,)
-            ),
-        )
-        try:
-            operation = association.get(identifier, model, storage=storage)
-        except (LookupError, ValueError) as e:
-            await _release(association)
-            raise BadRequest(f"The PACS cannot retrieve this query: {e}")
+        answer = {"operation": operation, "remote_aet": options.aet, "level": level}
+        destination = body.get("destination") if isinstance(body, dict) else None
+        if operation == "move" and destination is not None:
+            if not isinstance(destination, str):
+                raise BadRequest('"destination" must be an AE title')
+            try:
+                validate_ae_title(destination, "destination")
+            except ValueError as e:
+                raise BadRequest(str(e))
+            try:
+                status = await self.retriever.move_to(request, destination)
+            except DimseTimeout:
+                raise UpstreamTimeout("The PACS did not answer the move in time")
+            except AssociationAborted:
+                raise UpstreamUnavailable("The PACS aborted the move")
+            failed = dimse_status.is_failure(status.status)
+            answer.update(
+                success=not failed, destination=destination, status=f"0x{status.status:04X}",
+                counts=_counts(status.fields),
+            )
+            if failed:
+                answer["error"] = status.error_comment or "The PACS answered with a failure status"
+            return ResponseEnvelope.json(502 if failed else 200, answer)
+        storage = self.retrieve_storage()
+        result = await self.retriever.retrieve(request, storage, mode=operation)
         instances = []
-        try:
-            async for instance in operation.instances:
-                instances.append(
-                    {
-                        "sop_class_uid": instance.sop_class_uid,
-                        "sop_instance_uid": instance.sop_instance_uid,
-                        "transfer_syntax": instance.transfer_syntax,
-                        "path": instance.path,
-                        "size": instance.size,
-                    }
-                )
-            status = await operation.result
-        except DimseTimeout:
-            raise UpstreamTimeout("The PACS did not answer the retrieve in time")
-        except AssociationAborted:
-            raise UpstreamUnavailable("The PACS aborted the retrieve")
-        await _release(association)
+        async for instance in result.instances:
+            instances.append(
+                {
+                    "sop_class_uid": instance.sop_class_uid,
+                    "sop_instance_uid": instance.sop_instance_uid,
+                    "transfer_syntax": instance.transfer_syntax,
+                    "path": instance.path,
+                    "size": instance.size,
+                }
+            )
+        status, comment = await result.done
+        failed = dimse_status.is_failure(status)
         counts = {
-            key: status.fields.get(keyword)
-            for key, keyword in zip(("remaining", "completed", "failed", "warning"), SUBOPERATION_COUNTS)
-            if status.fields.get(keyword) is not None
+            key: getattr(result, key)
+            for key in ("remaining", "completed", "failed", "warning")
+            if getattr(result, key) is not None
         }
-        failed = dimse_status.is_failure(status.status)
-        answer = {
-            "operation": "get",
-            "success": not failed,
-            "remote_aet": options.aet,
-            "level": level,
-            "status": f"0x{status.status:04X}",
-            "counts": counts,
-            "stored": len(instances),
-            "storage_root": storage.root,
-            "instances": instances,
-        }
+        answer.update(
+            success=not failed,
+            status=f"0x{status:04X}",
+            counts=counts,
+            stored=len(instances),
+            storage_root=storage.root,
+            instances=instances,
+        )
         if failed:
-            answer["error"] = status.error_comment or "The PACS answered with a failure status"
+            answer["error"] = comment or "The PACS answered with a failure status"
         return ResponseEnvelope.json(502 if failed and not instances else 200, answer)
 
-    def _retrieve_storage(self):
+    def retrieve_storage(self):
+        """
+        Where retrieved instances are kept (C{storage_dir}, default
+        C{<storage path>/retrieved}).
+        """
         if self._storage is None:
-            from harmony.storage.filesystem import FilesystemStorage
-
-            config = self._config
-            base = config.storage.options.path if config is not None and config.storage.options else "./tmp"
-            root = os.path.join(base, "retrieved")
-            root = config.resolve_path(root) if config is not None else os.path.abspath(root)
-            self._storage = FilesystemStorage(root, reactor=self._reactor)
-            self._storage.startService()
+            self._storage = self._new_storage(self.options.storage_dir or None, "retrieved")
         return self._storage
+
+    def _spool_storage(self):
+        """
+        Where instances retrieved only to be relayed wait (removed once
+        relayed): C{<storage path>/spool/<backend>}.
+        """
+        if self._spool is None:
+            self._spool = self._new_storage(None, os.path.join("spool", self.name))
+        return self._spool
+
+    def _new_storage(self, path, default):
+        from harmony.storage.filesystem import FilesystemStorage
+
+        config = self._config
+        if path is None:
+            base = config.storage.options.path if config is not None and config.storage.options else "./tmp"
+            path = os.path.join(base, default)
+        root = config.resolve_path(path) if config is not None else os.path.abspath(path)
+        storage = FilesystemStorage(root, reactor=self._reactor)
+        storage.startService()
+        return storage
 
     async def _http_store(self, envelope):
         # Bounded already: the HTTP side enforces [proxy.content_limits].
@@ -522,9 +624,11 @@ class DicomScuBackend:
         return results
 
     def close(self):
-        if self._storage is not None:
-            return defer.maybeDeferred(self._storage.stopService)
-        return defer.succeed(None)
+        ds = [self.retriever.stop()]
+        for storage in (self._storage, self._spool):
+            if storage is not None:
+                ds.append(defer.maybeDeferred(storage.stopService))
+        return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
 
 
 async def _release(association):
@@ -532,6 +636,39 @@ async def _release(association):
         await association.release()
     except Exception:
         pass
+
+
+def _counts(fields):
+    from harmony.dimse.scu import SUBOPERATION_COUNTS
+
+    return {
+        key: fields.get(keyword)
+        for key, keyword in zip(("remaining", "completed", "failed", "warning"), SUBOPERATION_COUNTS)
+        if fields.get(keyword) is not None
+    }
+
+
+def _disposer(storage):
+    """
+    C{instance -> callable} removing a spooled instance's file once its
+    consumer is done with it.
+    """
+
+    def dispose_of(instance):
+        path = instance.path
+
+        def dispose():
+            if dispose.done:
+                return
+            dispose.done = True
+            relpath = os.path.relpath(path, storage.root)
+            d = storage.delete(relpath)
+            d.addErrback(lambda f: log.warn("Removing a relayed instance failed: {error}", error=f.getErrorMessage()))
+
+        dispose.done = False
+        return dispose if path else None
+
+    return dispose_of
 
 
 def _status(code, comment):

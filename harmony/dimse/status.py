@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.unit.test_dimse_store -*-
 """
 The one mapping from Harmony's typed errors (and HTTP statuses) to DIMSE
-statuses (PS3.4 Annex B/C, PS3.7 Annex C).
+statuses (PS3.4 Annex B/C, PS3.7 Annex C); the table in README.md ("DIMSE
+and HTTP statuses") documents it.
 """
 
 from harmony import errors
@@ -13,6 +14,17 @@ NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: The same code, named as C-FIND/C-GET/C-MOVE name it (PS3.4 C.4.1.1.4).
+UNABLE_TO_PROCESS = 0xC000
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+#: C-GET/C-MOVE (PS3.4 C.4.2.1.4, C.4.3.1.4).
+UNABLE_TO_CALCULATE_MATCHES = 0xA701
+UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702
+MOVE_DESTINATION_UNKNOWN = 0xA801
+SUBOPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
+CANCEL = 0xFE00
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01
 
 #: Typed error -> failure status.  Transient upstream problems answer
 #: "Refused: Out of Resources" (the SCU may retry later).

@@ -1,0 +1,393 @@
+# -*- test-case-name: tests.unit.test_dicom_scu_retrieve -*-
+"""
+Retrieving instances from a PACS for the C{dicom_scu} backend, by C-GET or
+by C-MOVE to Harmony itself (C{dimse_retrieve_mode}), as one streamed
+result: a L{DicomResult} whose C{instances} arrive as the PACS sends them
+(each committed to a storage first), whose counts follow the PACS's
+pending responses and whose C{done} fires with the final status.
+
+For C-MOVE the PACS sends the instances to our AE title (the backend's
+C{local_aet}) at C{incoming_store_port}: either a store SCP this module
+runs (for the moves in flight only, or all the time with
+C{persistent_store_scp}), or a C{dicom_scp} endpoint of the same gateway
+listening on that port.  Each received instance is routed to the move that
+asked for it by the Move Originator Message ID of its C-STORE (see
+L{harmony.dimse.move.MoveRouter}), never by scanning a directory.
+"""
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from harmony.dimse import status as dimse_status
+from harmony.dimse.association import AssociationAborted, AssociationSettings
+from harmony.dimse.scu import GET_MODELS, MOVE_MODELS, DimseTimeout, suboperation_counts
+from harmony.envelope import DicomResult
+from harmony.errors import BadRequest, UpstreamUnavailable
+from harmony.logs import logger
+from harmony.streams import EOF, Stream, StreamCancelled
+
+log = logger("harmony.backends.dicom_scu")
+
+def update_counts(result, counts):
+    """
+    Copy sub-operation counts (C{{"remaining": n, "completed": n, ...}},
+    see L{harmony.dimse.scu.suboperation_counts}) into a L{DicomResult}
+    (those known only).
+    """
+    for name, value in counts.items():
+        if value is not None:
+            setattr(result, name, value)
+
+
+def final_of(outcome, what):
+    """
+    C{(status, comment)} for how a retrieve operation ended: its final
+    L{DimseStatus}, or a failure (timeout, abort) as a failure status.
+    """
+    if isinstance(outcome, Failure):
+        if outcome.check(DimseTimeout):
+            return dimse_status.OUT_OF_RESOURCES, f"The PACS did not answer the {what} in time"
+        if outcome.check(AssociationAborted):
+            return dimse_status.OUT_OF_RESOURCES, f"The PACS aborted the {what}"
+        log.failure("A {what} failed", outcome, what=what)
+        return dimse_status.PROCESSING_FAILURE, f"The {what} failed"
+    return outcome.status, outcome.error_comment
+
+
+class Retriever:
+    """
+    Runs C-GETs and C-MOVEs for one backend.
+
+    @param backend: the L{harmony.backends.dicom_scu.DicomScuBackend}
+        (options, client and association errors).
+    @param router: the gateway's L{harmony.dimse.move.MoveRouter}.
+    @param shared_scp: C{True} when a C{dicom_scp} endpoint of the gateway
+        listens on C{incoming_store_port} (it routes the moves' instances;
+        no listener of our own).
+    """
+
+    def __init__(self, backend, router, shared_scp=False):
+        self.backend = backend
+        self.router = router
+        self.shared_scp = shared_scp
+        self._listener = None
+        self._starting = None
+        self._users = 0
+
+    @property
+    def options(self):
+        return self.backend.options
+
+    # -- one entry point --------------------------------------------------
+
+    def retrieve(self, request, storage, mode=None, dispose=None):
+        """
+        Retrieve what C{request} (a C{DicomRequest}: query model, level,
+        identifier, priority, user identity) names.
+
+        @param storage: where the instances are written.
+        @param mode: C{"get"} or C{"move"} (default: the backend's
+            C{dimse_retrieve_mode}).
+        @param dispose: C{instance -> callable} for spooled instances (the
+            consumer calls it once done), or C{None} to keep them.
+        @return: Deferred[L{DicomResult}] (streamed: read C{instances}, then
+            wait for C{done}); fails with typed upstream errors when the
+            PACS cannot be reached.
+        """
+        mode = mode or self.options.dimse_retrieve_mode
+        run = self._get if mode == "get" else self._move
+        return defer.Deferred.fromCoroutine(run(request, storage, dispose))
+
+    # -- C-GET --------------------------------------------------------------
+
+    async def _get(self, request, storage, dispose):
+        from harmony.backends.dicom_scu import RETRIEVE_SYNTAXES
+
+        options = self.options
+        model = request.query_model or "study"
+        if model not in GET_MODELS:
+            raise BadRequest(f"Unknown query model {model!r}")
+        association = await self.backend._associate(
+            None,
+            connect=lambda: self.backend.client.associate_for_get(
+                options.host, options.port, options.aet, RETRIEVE_SYNTAXES, models=(model,),
+                user_identity=request.user_identity,
+            ),
+        )
+        try:
+            operation = association.get(request.identifier, model, request.priority or 0, storage=storage)
+        except (LookupError, ValueError) as e:
+            await _release(association)
+            raise BadRequest(f"The PACS cannot retrieve this query: {e}")
+        result = DicomResult(status=None, done=defer.Deferred())
+        operation.on_progress = lambda counts: update_counts(result, counts)
+        result.instances = _with_dispose(operation.instances, dispose)
+
+        def ended(outcome):
+            if not isinstance(outcome, Failure):
+                update_counts(result, suboperation_counts(outcome.fields))
+            defer.ensureDeferred(_release(association))
+            result.done.callback(final_of(outcome, "retrieve"))
+
+        operation.result.addBoth(ended)
+        return result
+
+    # -- C-MOVE to ourselves --------------------------------------------------
+
+    async def _move(self, request, storage, dispose):
+        options = self.options
+        model = request.query_model or "study"
+        if model not in MOVE_MODELS:
+            raise BadRequest(f"Unknown query model {model!r}")
+        await self._hold_listener()
+        incoming = self.router.expect(options.local_aet, storage, source_aet=None)
+        try:
+            association = await self.backend._associate(
+                [(MOVE_MODELS[model], _query_syntaxes())], request.user_identity
+            )
+        except BaseException as e:
+            incoming.fail(e)
+            self._drop_listener()
+            raise
+        try:
+            operation = association.move(
+                request.identifier, options.local_aet, model, request.priority or 0, message_id=incoming.message_id
+            )
+        except (LookupError, ValueError) as e:
+            incoming.fail(e)
+            self._drop_listener()
+            await _release(association)
+            raise BadRequest(f"The PACS cannot retrieve this query: {e}")
+        # Sub-operations restart the move's DIMSE timer; a slow consumer
+        # suspends it; cancelling the instances sends a C-CANCEL.
+        incoming.follow(operation)
+        result = DicomResult(status=None, done=defer.Deferred())
+        operation.on_progress = lambda counts: update_counts(result, counts)
+        result.instances = _with_dispose(incoming.instances, dispose, on_cancel=operation.cancel)
+
+        def ended(outcome):
+            if isinstance(outcome, Failure):
+                incoming.fail(outcome.value)
+            else:
+                update_counts(result, suboperation_counts(outcome.fields))
+                incoming.finish()
+            defer.ensureDeferred(_release(association))
+            self._drop_listener()
+            result.done.callback(final_of(outcome, "retrieve"))
+
+        operation.result.addBoth(ended)
+        return result
+
+    async def move_to(self, request, destination):
+        """
+        A third-party C-MOVE: the PACS sends the instances to
+        C{destination} (an AE title it knows); nothing comes back here.
+
+        @return: Deferred[L{DimseStatus}] (its C{fields} carry the counts).
+        """
+        model = request.query_model or "study"
+        if model not in MOVE_MODELS:
+            raise BadRequest(f"Unknown query model {model!r}")
+        association = await self.backend._associate([(MOVE_MODELS[model], _query_syntaxes())], request.user_identity)
+        try:
+            operation = association.move(request.identifier, destination, model, request.priority or 0)
+        except (LookupError, ValueError) as e:
+            await _release(association)
+            raise BadRequest(f"The PACS cannot move this query: {e}")
+        try:
+            return await operation.result
+        finally:
+            defer.ensureDeferred(_release(association))
+
+    # -- our store SCP for moves ----------------------------------------------
+
+    async def _hold_listener(self):
+        """
+        Make sure something listens on C{incoming_store_port} for the move
+        about to start (counted until L{_drop_listener}).
+        """
+        self._users += 1
+        if self.shared_scp or self._listener is not None:
+            return
+        if self._starting is None:
+            self._starting = self._start_listener()
+        starting = self._starting
+        try:
+            await _wait(starting)
+        except Exception as e:
+            self._users -= 1
+            log.error(
+                "Backend {backend}: cannot listen for C-MOVE instances on port {port}: {error}",
+                backend=self.backend.name, port=self.options.incoming_store_port, error=str(e),
+            )
+            raise UpstreamUnavailable(
+                f"Harmony cannot receive C-MOVE instances on port {self.options.incoming_store_port}"
+            )
+
+    def _make_listener(self):
+        from harmony.dimse.move import MoveStoreListener
+
+        options = self.options
+        return MoveStoreListener(
+            self.backend._reactor,
+            options.local_aet,
+            options.incoming_store_port,
+            bind_addr=options.incoming_bind_addr,
+            router=self.router,
+            storage=self.backend.retrieve_storage(),
+            settings=AssociationSettings(
+                max_pdu_length=options.max_pdu_length,
+                idle_timeout=options.timeout_secs * 2,
+                dimse_timeout=options.timeout_secs,
+            ),
+        )
+
+    def persistent_service(self):
+        """
+        The store SCP as a service of the application (started with it,
+        its port checked at startup): C{persistent_store_scp}.
+        """
+        self._listener = self._make_listener()
+        return self._listener
+
+    def _start_listener(self):
+        options = self.options
+        listener = self._make_listener()
+        d = defer.maybeDeferred(listener.startService)
+
+        def started(_):
+            self._listener = listener
+            self._starting = None
+            log.info(
+                "Backend {backend}: receiving C-MOVE instances as {aet} on port {port}",
+                backend=self.backend.name, aet=options.local_aet, port=options.incoming_store_port,
+            )
+
+        def failed(failure):
+            self._starting = None
+            return failure
+
+        d.addCallbacks(started, failed)
+        # Several moves may wait for the same start.
+        return _Shared(d)
+
+    def _drop_listener(self):
+        self._users -= 1
+        if self._users == 0 and not self.options.persistent_store_scp and self._listener is not None:
+            listener, self._listener = self._listener, None
+            defer.maybeDeferred(listener.stopService)
+
+    def stop(self):
+        if self.options.persistent_store_scp:
+            return defer.succeed(None)  # a service of the application
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listener.stopService)
+
+
+class _Shared:
+    """
+    One Deferred result several waiters can wait for.
+    """
+
+    def __init__(self, d):
+        self._result = None
+        self._waiters = []
+        d.addBoth(self._fire)
+
+    def _fire(self, result):
+        self._result = result if isinstance(result, Failure) else (None,)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            self._deliver(w)
+        return None
+
+    def _deliver(self, w):
+        if isinstance(self._result, Failure):
+            w.errback(self._result)
+        else:
+            w.callback(None)
+
+    def wait(self):
+        w = defer.Deferred()
+        if self._result is not None:
+            self._deliver(w)
+        else:
+            self._waiters.append(w)
+        return w
+
+
+async def _wait(shared):
+    await shared.wait()
+
+
+def _query_syntaxes():
+    from harmony.dimse.scu import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+
+    return [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
+
+
+async def _release(association):
+    try:
+        await association.release()
+    except Exception:
+        pass
+
+
+def _with_dispose(instances, dispose, on_cancel=None):
+    """
+    The instance stream as given, with each instance's C{dispose} set by
+    C{dispose(instance)} when there is one; cancelling it cancels the
+    source (and calls C{on_cancel}, e.g. a C-CANCEL for a move).
+    """
+    if dispose is None and on_cancel is None:
+        return instances
+    out = Stream(high_water=2)
+    out.attach_producer(_SourceControl(instances, on_cancel))
+
+    async def pump():
+        try:
+            while True:
+                item = await instances.read()
+                if item is EOF:
+                    out.finish()
+                    return
+                if dispose is not None:
+                    item.dispose = dispose(item)
+                if out.cancelled:
+                    if item.dispose is not None:
+                        item.dispose()
+                    return
+                out.write(item)
+                if not out.writable:
+                    await out.wait_writable()
+        except StreamCancelled:
+            return
+        except Exception:
+            out.fail(Failure())
+
+    defer.ensureDeferred(pump())
+    return out
+
+
+class _SourceControl:
+    """
+    The producer of a wrapped instance stream: stopping it cancels the
+    source.
+    """
+
+    def __init__(self, source, on_cancel):
+        self.source = source
+        self.on_cancel = on_cancel
+
+    def pauseProducing(self):
+        pass  # the pump waits for room itself
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        if self.on_cancel is not None:
+            self.on_cancel()
+        self.source.cancel()

@@ -1,0 +1,537 @@
+"""
+The dicom_scu backend's retrieves (harmony.backends.dicom_retrieve and the
+backend's get/move handling) with fake associations, a fake move router
+and a real FilesystemStorage on synchronous thread-pool fakes: DIMSE
+get/move requests stream spooled instances (disposed of by the consumer),
+counts follow the PACS's progress, C-MOVE goes to our own AE with the
+router's message ID and a store SCP listening only while moves run, HTTP
+/get, /move (to ourselves or a third party) and the seeds' shape.
+"""
+
+import os
+import shutil
+
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from harmony.backends.dicom_scu import OPTIONS, DicomScuBackend
+from harmony.config.errors import ConfigError
+from harmony.config.schema import Where
+from harmony.dimse.association import AssociationAborted, AssociationRejected
+from harmony.dimse.scu import DimseStatus, DimseTimeout, read_part10_header
+from harmony.envelope import DicomInstance, DicomRequest, Headers, RequestDetails, RequestEnvelope
+from harmony.errors import BadRequest, UpstreamUnavailable
+from harmony.registry import BuildContext
+from harmony.storage.filesystem import FilesystemStorage
+from harmony.streams import Stream
+
+CT = get_testdata_file("CT_small.dcm", download=False)
+MOVE_STUDY = "1.2.840.10008.5.1.4.1.2.2.2"
+
+
+class SyncReactor:
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class SyncPool:
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except Exception:
+            from twisted.python.failure import Failure
+
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+class FakeOperation:
+    """
+    A C-GET or C-MOVE in progress at the fake PACS.
+    """
+
+    def __init__(self, instances=None):
+        self.instances = instances if instances is not None else Stream(high_water=4)
+        self.result = defer.Deferred()
+        self.on_progress = None
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeAssociation:
+    def __init__(self, operation=None, error=None):
+        self.operation = operation or FakeOperation()
+        self.error = error
+        self.calls = []
+        self.released = False
+
+    def get(self, identifier, model, priority=0, storage=None):
+        self.calls.append(("get", identifier, model, priority, storage))
+        if self.error is not None:
+            raise self.error
+        return self.operation
+
+    def move(self, identifier, destination, model, priority=0, message_id=None):
+        self.calls.append(("move", identifier, destination, model, priority, message_id))
+        if self.error is not None:
+            raise self.error
+        return self.operation
+
+    def release(self):
+        self.released = True
+        return defer.succeed(None)
+
+
+class FakeClient:
+    def __init__(self, association=None, error=None):
+        self.association = association
+        self.error = error
+        self.calls = []
+
+    def _answer(self):
+        if self.error is not None:
+            return defer.fail(self.error)
+        return defer.succeed(self.association)
+
+    def associate(self, host, port, called_aet, syntaxes, user_identity=None):
+        self.calls.append(("associate", host, port, called_aet, syntaxes, user_identity))
+        return self._answer()
+
+    def associate_for_get(self, host, port, called_aet, storage_syntaxes, models=("study",), user_identity=None):
+        self.calls.append(("associate_for_get", host, port, called_aet, models, user_identity))
+        return self._answer()
+
+
+class FakeIncoming:
+    def __init__(self, message_id):
+        self.message_id = message_id
+        self.instances = Stream(high_water=4)
+        self.finished = False
+        self.failed = None
+        self.followed = None
+
+    def follow(self, operation):
+        self.followed = operation
+
+    def finish(self):
+        self.finished = True
+        self.instances.finish()
+
+    def fail(self, error):
+        self.failed = error
+        self.instances.fail(error)
+
+
+class FakeRouter:
+    def __init__(self):
+        self.expected = []
+
+    def expect(self, destination_aet, storage, **kwargs):
+        incoming = FakeIncoming(100 + len(self.expected))
+        self.expected.append((destination_aet, storage, incoming))
+        return incoming
+
+
+class FakeListener:
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.running = False
+        self.starts = 0
+
+    def startService(self):
+        self.starts += 1
+        if self.fail:
+            raise OSError("address in use")
+        self.running = True
+
+    def stopService(self):
+        self.running = False
+        return defer.succeed(None)
+
+
+class FakeConfig:
+    def __init__(self, root, endpoints=None):
+        self.storage = type("S", (), {"options": type("O", (), {"path": root})()})()
+        self.endpoints = endpoints or {}
+
+    def resolve_path(self, path):
+        return os.path.abspath(path)
+
+
+def options(**extra):
+    return OPTIONS.validate(dict({"aet": "PACS", "host": "127.0.0.1", "port": 104}, **extra), Where("t.toml"))
+
+
+def dicom_envelope(operation, **kwargs):
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = "1.2.3"
+    request = DicomRequest(operation, level="STUDY", identifier=identifier, calling_aet="VIEWER", **kwargs)
+    return RequestEnvelope(details=RequestDetails(method="C-" + operation.upper()), dicom=request)
+
+
+def http_envelope(path, body):
+    import json
+
+    details = RequestDetails(
+        method="POST", uri="/dicom/" + path, path=path, full_path="/dicom/" + path,
+        headers=Headers([("content-type", "application/json")]),
+    )
+    return RequestEnvelope(details=details, body=json.dumps(body).encode())
+
+
+class RetrieveTestCase(SynchronousTestCase):
+    def setUp(self):
+        import tempfile
+
+        self.root = tempfile.mkdtemp(prefix="harmony-retrieve-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.router = FakeRouter()
+        self.listeners = []
+
+    def backend(self, client, endpoints=None, **extra):
+        context = BuildContext(config=FakeConfig(self.root, endpoints), move_router=self.router)
+        b = DicomScuBackend("pacs", options(**extra), context)
+        b._client = client
+        original = b._new_storage
+
+        def new_storage(path, default):
+            storage = original(path, default)
+            storage._reactor = SyncReactor()
+            storage.threadpool = SyncPool()
+            return storage
+
+        b._new_storage = new_storage
+
+        def make_listener():
+            listener = FakeListener()
+            self.listeners.append(listener)
+            return listener
+
+        b.retriever._make_listener = make_listener
+        self.addCleanup(lambda: self.successResultOf(b.close()))
+        return b
+
+    def spool_instance(self, backend, name="a.dcm"):
+        """
+        A file in the backend's spool, as a C-GET would have stored it.
+        """
+        spool = backend._spool_storage()
+        path = os.path.join(spool.root, "1.2.3", "4.5", name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(CT, path)
+        header = read_part10_header(CT)
+        return DicomInstance(header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax, None, path=path)
+
+
+class DimseGetTests(RetrieveTestCase):
+    def test_get_streams_spooled_instances_and_disposes(self):
+        association = FakeAssociation()
+        client = FakeClient(association)
+        b = self.backend(client)
+        response = self.successResultOf(b.handle(dicom_envelope("get", query_model="study", priority=1)))
+        result = response.dicom
+        [(_, identifier, model, priority, storage)] = association.calls
+        self.assertEqual((identifier.StudyInstanceUID, model, priority), ("1.2.3", "study", 1))
+        self.assertEqual(storage.root, os.path.join(os.path.abspath(self.root), "spool", "pacs"))
+        self.assertEqual(client.calls[0][0], "associate_for_get")
+
+        association.operation.on_progress({"remaining": 1, "completed": 1, "failed": None, "warning": None})
+        self.assertEqual((result.remaining, result.completed), (1, 1))
+        instance = self.spool_instance(b)
+        association.operation.instances.write(instance)
+        got = self.successResultOf(result.instances.read())
+        self.assertEqual(got.path, instance.path)
+        self.assertTrue(os.path.exists(got.path))
+        got.dispose()
+        got.dispose()  # once is enough; twice is harmless
+        self.assertFalse(os.path.exists(got.path))
+        self.assertFalse(os.path.exists(os.path.dirname(got.path)))
+
+        association.operation.instances.finish()
+        association.operation.result.callback(
+            DimseStatus(0, None, {"NumberOfCompletedSuboperations": 2, "NumberOfFailedSuboperations": 0})
+        )
+        self.assertEqual(self.successResultOf(result.done), (0, None))
+        self.assertEqual((result.completed, result.failed), (2, 0))
+        self.assertTrue(association.released)
+
+    def test_get_timeout_is_a_failure_status(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        result = self.successResultOf(b.handle(dicom_envelope("get"))).dicom
+        association.operation.instances.fail(DimseTimeout("late"))
+        association.operation.result.errback(DimseTimeout("late"))
+        self.failureResultOf(result.instances.read(), DimseTimeout)
+        status, comment = self.successResultOf(result.done)
+        self.assertEqual(status, 0xA700)
+        self.assertIn("in time", comment)
+
+    def test_abort_is_a_failure_status(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        result = self.successResultOf(b.handle(dicom_envelope("get"))).dicom
+        association.operation.result.errback(AssociationAborted(2, 0))
+        status, comment = self.successResultOf(result.done)
+        self.assertEqual(status, 0xA700)
+        self.assertIn("aborted", comment)
+
+    def test_cancelling_the_stream_cancels_the_source(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        result = self.successResultOf(b.handle(dicom_envelope("get"))).dicom
+        result.instances.cancel()
+        self.assertTrue(association.operation.instances.cancelled)
+
+    def test_instances_arriving_after_cancel_are_disposed(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        result = self.successResultOf(b.handle(dicom_envelope("get"))).dicom
+        reading = result.instances.read()
+        result.instances.cancel()
+        self.failureResultOf(reading)
+        self.assertTrue(association.operation.instances.cancelled)
+
+    def test_unreachable_pacs(self):
+        b = self.backend(FakeClient(error=ConnectionRefusedError()))
+        self.failureResultOf(b.handle(dicom_envelope("get")), UpstreamUnavailable)
+
+    def test_unknown_model(self):
+        b = self.backend(FakeClient(FakeAssociation()))
+        self.failureResultOf(b.handle(dicom_envelope("get", query_model="worklist")), BadRequest)
+
+
+class DimseMoveTests(RetrieveTestCase):
+    def test_move_to_ourselves_with_the_routers_message_id(self):
+        association = FakeAssociation()
+        client = FakeClient(association)
+        b = self.backend(client, dimse_retrieve_mode="move", local_aet="HARMONY_MV", incoming_store_port=11999)
+        # A C-GET request is retrieved by C-MOVE too: the mode decides.
+        result = self.successResultOf(b.handle(dicom_envelope("get"))).dicom
+        [(destination, storage, incoming)] = self.router.expected
+        self.assertEqual(destination, "HARMONY_MV")
+        [(_, identifier, dest, model, priority, message_id)] = association.calls
+        self.assertIs(incoming.followed, association.operation)
+        self.assertEqual((dest, model, message_id), ("HARMONY_MV", "study", incoming.message_id))
+        [(kind, _, _, aet, syntaxes, _)] = client.calls
+        self.assertEqual((kind, aet), ("associate", "PACS"))
+        self.assertEqual(syntaxes[0][0], MOVE_STUDY)
+        [listener] = self.listeners
+        self.assertTrue(listener.running)
+
+        association.operation.on_progress({"remaining": 3, "completed": 0, "failed": None, "warning": None})
+        self.assertEqual(result.remaining, 3)
+        instance = self.spool_instance(b)
+        incoming.instances.write(instance)
+        got = self.successResultOf(result.instances.read())
+        self.assertIsNotNone(got.dispose)
+
+        association.operation.result.callback(DimseStatus(0, None, {"NumberOfCompletedSuboperations": 1}))
+        self.assertTrue(incoming.finished)
+        self.assertEqual(self.successResultOf(result.instances.read()).__class__.__name__, "_EOF")
+        self.assertEqual(self.successResultOf(result.done), (0, None))
+        self.assertEqual(result.completed, 1)
+        # Transient: not listening once no move is in flight.
+        self.assertFalse(listener.running)
+
+    def test_concurrent_moves_share_one_listener(self):
+        first, second = FakeAssociation(), FakeAssociation()
+        client = FakeClient(first)
+        b = self.backend(client, dimse_retrieve_mode="move")
+        r1 = self.successResultOf(b.handle(dicom_envelope("move"))).dicom
+        client.association = second
+        r2 = self.successResultOf(b.handle(dicom_envelope("move"))).dicom
+        [listener] = self.listeners
+        first.operation.result.callback(DimseStatus(0))
+        self.assertTrue(listener.running)
+        second.operation.result.callback(DimseStatus(0))
+        self.assertFalse(listener.running)
+        self.assertEqual(self.successResultOf(r1.done)[0], 0)
+        self.assertEqual(self.successResultOf(r2.done)[0], 0)
+        ids = [incoming.message_id for _, _, incoming in self.router.expected]
+        self.assertEqual(len(set(ids)), 2)
+
+    def test_persistent_listener_is_a_service_and_stays(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), dimse_retrieve_mode="move", persistent_store_scp=True)
+        [service] = b.services(None)
+        service.startService()
+        self.successResultOf(b.handle(dicom_envelope("move")))
+        association.operation.result.callback(DimseStatus(0))
+        self.assertTrue(service.running)
+        self.assertEqual(service.starts, 1)
+
+    def test_listener_that_cannot_start(self):
+        b = self.backend(FakeClient(FakeAssociation()), dimse_retrieve_mode="move")
+        b.retriever._make_listener = lambda: FakeListener(fail=True)
+        failure = self.failureResultOf(b.handle(dicom_envelope("move")), UpstreamUnavailable)
+        self.assertIn("11123", failure.value.message)
+        self.assertEqual(self.router.expected, [])
+
+    def test_move_failure_fails_the_incoming_move(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), dimse_retrieve_mode="move")
+        result = self.successResultOf(b.handle(dicom_envelope("move"))).dicom
+        [(_, _, incoming)] = self.router.expected
+        association.operation.result.errback(AssociationAborted(2, 0))
+        self.assertIsInstance(incoming.failed, AssociationAborted)
+        self.failureResultOf(result.instances.read(), AssociationAborted)
+        self.assertEqual(self.successResultOf(result.done)[0], 0xA700)
+        self.assertFalse(self.listeners[0].running)
+
+    def test_pacs_failure_status(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), dimse_retrieve_mode="move")
+        result = self.successResultOf(b.handle(dicom_envelope("move"))).dicom
+        association.operation.result.callback(DimseStatus(0xA801, "Unknown destination"))
+        self.assertEqual(self.successResultOf(result.done), (0xA801, "Unknown destination"))
+
+    def test_rejected_association_releases_everything(self):
+        b = self.backend(FakeClient(error=AssociationRejected(1, 1, 7)), dimse_retrieve_mode="move")
+        self.failureResultOf(b.handle(dicom_envelope("move")), UpstreamUnavailable)
+        [(_, _, incoming)] = self.router.expected
+        self.assertIsNotNone(incoming.failed)
+        self.assertFalse(self.listeners[0].running)
+
+    def test_cancelling_a_move_sends_c_cancel(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), dimse_retrieve_mode="move")
+        result = self.successResultOf(b.handle(dicom_envelope("move"))).dicom
+        result.instances.cancel()
+        self.assertTrue(association.operation.cancelled)
+
+
+class SharedScpTests(RetrieveTestCase):
+    def endpoint(self, **extra):
+        from harmony.config.model import ServiceEntry
+        from harmony.endpoints.dicom_scp import OPTIONS as SCP_OPTIONS
+
+        values = dict({"local_aet": "HARMONY_SCU", "port": 11123, "enable_store": True}, **extra)
+        return {"scp": ServiceEntry("scp", "dicom_scp", SCP_OPTIONS.validate(values, Where("p.toml")), "p.toml")}
+
+    def test_an_scp_on_the_incoming_port_receives(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), endpoints=self.endpoint(), dimse_retrieve_mode="move")
+        self.assertTrue(b.retriever.shared_scp)
+        self.assertEqual(b.services(None), [])
+        self.successResultOf(b.handle(dicom_envelope("move")))
+        self.assertEqual(self.listeners, [])
+
+    def test_scp_on_another_port_does_not(self):
+        b = self.backend(FakeClient(FakeAssociation()), endpoints=self.endpoint(port=104))
+        self.assertFalse(b.retriever.shared_scp)
+
+    def test_scp_without_store(self):
+        with self.assertRaises(ConfigError) as e:
+            self.backend(FakeClient(), endpoints=self.endpoint(enable_store=False))
+        self.assertIn("enable_store", str(e.exception))
+
+    def test_scp_with_another_aet(self):
+        with self.assertRaises(ConfigError) as e:
+            self.backend(FakeClient(), endpoints=self.endpoint(local_aet="OTHER"))
+        self.assertIn("'OTHER'", str(e.exception))
+
+    def test_scp_with_another_aet_not_checked(self):
+        b = self.backend(FakeClient(), endpoints=self.endpoint(local_aet="OTHER", require_called_aet=False))
+        self.assertTrue(b.retriever.shared_scp)
+
+
+class HttpRetrieveTests(RetrieveTestCase):
+    def test_get_renders_stored_instances(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        d = b.handle(http_envelope("get", {"operation": "C-GET", "level": "STUDY", "query": {"StudyInstanceUID": "1.2.3"}}))
+        [(_, identifier, model, _, storage)] = association.calls
+        self.assertEqual(storage.root, os.path.join(os.path.abspath(self.root), "retrieved"))
+        self.assertNotIn("PatientName", identifier)  # no return keys for a retrieve
+        association.operation.instances.write(self.spool_instance(b))
+        association.operation.instances.finish()
+        association.operation.result.callback(
+            DimseStatus(0, None, {"NumberOfCompletedSuboperations": 1, "NumberOfFailedSuboperations": 0})
+        )
+        response = self.successResultOf(d)
+        body = _json(response)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(body["operation"], "get")
+        self.assertTrue(body["success"])
+        self.assertEqual(body["counts"], {"completed": 1, "failed": 0})
+        self.assertEqual(body["stored"], 1)
+
+    def test_move_to_ourselves_over_http(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        d = b.handle(http_envelope("move", {"level": "STUDY", "query": {"StudyInstanceUID": "1.2.3"}}))
+        [(destination, storage, incoming)] = self.router.expected
+        self.assertEqual(destination, "HARMONY_SCU")
+        self.assertEqual(storage.root, os.path.join(os.path.abspath(self.root), "retrieved"))
+        association.operation.result.callback(DimseStatus(0xC000, "Cannot"))
+        response = self.successResultOf(d)
+        body = _json(response)
+        self.assertEqual(response.status, 502)
+        self.assertEqual((body["operation"], body["success"], body["status"]), ("move", False, "0xC000"))
+        self.assertEqual(body["error"], "Cannot")
+
+    def test_third_party_move(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        d = b.handle(
+            http_envelope("", {"operation": "C-MOVE", "level": "STUDY", "query": {"StudyInstanceUID": "1.2.3"},
+                               "destination": "WORKSTATION"})
+        )
+        [(_, _, destination, model, _, message_id)] = association.calls
+        self.assertEqual((destination, message_id), ("WORKSTATION", None))
+        self.assertEqual(self.router.expected, [])
+        association.operation.result.callback(
+            DimseStatus(0, None, {"NumberOfCompletedSuboperations": 5, "NumberOfFailedSuboperations": 0})
+        )
+        response = self.successResultOf(d)
+        body = _json(response)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(body["destination"], "WORKSTATION")
+        self.assertEqual(body["counts"], {"completed": 5, "failed": 0})
+        self.assertTrue(association.released)
+
+    def test_third_party_move_failure(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        d = b.handle(http_envelope("move", {"query": {"StudyInstanceUID": "1"}, "destination": "NOWHERE"}))
+        association.operation.result.callback(DimseStatus(0xA801, "Move destination unknown"))
+        response = self.successResultOf(d)
+        self.assertEqual(response.status, 502)
+        self.assertEqual(_json(response)["error"], "Move destination unknown")
+
+    def test_bad_destination(self):
+        b = self.backend(FakeClient(FakeAssociation()))
+        for destination in (5, "", "X" * 17):
+            self.failureResultOf(b.handle(http_envelope("move", {"query": {}, "destination": destination})), BadRequest)
+
+    def test_seed_shape_names_the_operation(self):
+        b = self.backend(FakeClient(FakeAssociation()))
+        failure = self.failureResultOf(b.handle(http_envelope("", {"operation": "C-STORE"})), BadRequest)
+        self.assertIn("C-ECHO, C-FIND, C-GET, C-MOVE", failure.value.message)
+        self.failureResultOf(b.handle(http_envelope("", {"query": {}})), BadRequest)
+
+    def test_seed_shape_echo(self):
+        association = FakeAssociation()
+        association.echo = lambda: defer.succeed(DimseStatus(0))
+        b = self.backend(FakeClient(association))
+        response = self.successResultOf(b.handle(http_envelope("", {"operation": "c-echo"})))
+        self.assertEqual(_json(response)["operation"], "echo")
+
+
+def _json(response):
+    import json
+
+    body = response.body
+    return json.loads(body if isinstance(body, (bytes, str)) else b"".join(body))
