@@ -119,9 +119,10 @@ class Association(Protocol):
         self._closed = False
         self._ac = None
         self._reading_paused = False
-        #: C-FIND operations answering on this association, by message ID
-        #: (for C-CANCEL-RQ).
-        self.find_operations = {}
+        #: Cancellable operations (C-FIND, C-GET, C-MOVE) answering on this
+        #: association, by message ID (for C-CANCEL-RQ): each has
+        #: C{cancel()} and C{aborted(association)}.
+        self.operations = {}
 
     # -- transport events -------------------------------------------------
 

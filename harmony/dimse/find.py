@@ -42,7 +42,7 @@ class FindService:
 
     def start(self, association, context, command):
         operation = _FindOperation(self, association, context, command)
-        association.find_operations[operation.message_id] = operation
+        association.operations[operation.message_id] = operation
         if not command.has_dataset:
             operation.answer(IDENTIFIER_DOES_NOT_MATCH, "C-FIND-RQ without an identifier")
             return None
@@ -193,7 +193,7 @@ class _FindOperation:
             return
         self._answered = True
         association = self.association
-        association.find_operations.pop(self.message_id, None)
+        association.operations.pop(self.message_id, None)
         if association._closed:
             return
         fields = {

@@ -1,7 +1,14 @@
 # -*- test-case-name: tests.unit.test_dimse_scp -*-
 """
 The DICOM server (SCP): association policy and the DIMSE services Harmony
-answers itself (C-ECHO) or hands to a service object (C-STORE, ...).
+answers itself (C-ECHO) or hands to a service object (C-STORE, C-FIND,
+C-GET, C-MOVE, ...).
+
+Besides requests, an SCP receives the responses to the requests it sends on
+the same association: the C-STORE-RSPs of C-GET sub-operations
+(L{harmony.dimse.retrieve}).  A service waiting for one registers it with
+the association's user (C{association.user.expect_response}); a C-CANCEL-RQ
+goes to the operation it names in C{association.operations}.
 
 Association policy (PS3.8 9.3.4 reasons):
 
@@ -154,6 +161,31 @@ class _SCPUser:
         self.factory = factory
         self._current = None
         self._started = None
+        self._responses = {}  # message ID of a request we sent -> handler
+        self._next_id = 0
+
+    # -- requests this side sends (C-GET sub-operations) --------------------
+
+    def next_message_id(self):
+        """
+        The Message ID for a request this SCP sends on the association
+        (1..65535, wrapping; none awaiting a response).
+        """
+        for _ in range(65535):
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in self._responses:
+                return self._next_id
+        raise RuntimeError("every message ID is in use on this association")
+
+    def expect_response(self, message_id, handler):
+        """
+        Call C{handler(Command)} with the response to the request
+        C{message_id} when it arrives (once).
+        """
+        self._responses[message_id] = handler
+
+    def forget_response(self, message_id):
+        self._responses.pop(message_id, None)
 
     def associate_requested(self, association, rq):
         self._started = association.clock.seconds()
@@ -172,9 +204,10 @@ class _SCPUser:
         current, self._current = self._current, None
         if current is not None:
             current.aborted(association)
-        for operation in list(association.find_operations.values()):
+        for operation in list(association.operations.values()):
             operation.aborted(association)
-        association.find_operations.clear()
+        association.operations.clear()
+        self._responses.clear()
         return result
 
     def established(self, association):
@@ -187,9 +220,12 @@ class _SCPUser:
         if field == messages.C_CANCEL_RQ and messages.C_CANCEL_RQ not in self.factory.services:
             # No response of its own: the operation it cancels answers (a
             # cancel for an operation already answered is ignored).
-            operation = association.find_operations.get(fields.get("MessageIDBeingRespondedTo"))
+            operation = association.operations.get(fields.get("MessageIDBeingRespondedTo"))
             if operation is not None:
                 operation.cancel()
+            return
+        if field & 0x8000 and field not in self.factory.services:
+            self._response(association, command)
             return
         if field == messages.C_ECHO_RQ and self.factory.enable_echo:
             rsp = messages.echo_rsp(fields.get("MessageID", 0), SUCCESS)
@@ -211,6 +247,23 @@ class _SCPUser:
             association.send_message(command.context_id, rsp)
             return
         self._current = service.start(association, context, command)
+
+    def _response(self, association, command):
+        """
+        A response to a request this side sent: to whoever waits for it;
+        never answered.
+        """
+        if command.has_dataset:
+            self._current = _Discard()
+        handler = self._responses.pop(command.fields.get("MessageIDBeingRespondedTo"), None)
+        if handler is None:
+            log.warn(
+                "Response (command field {field:04X}) from {peer} to no request in progress: ignored",
+                field=command.command_field,
+                peer=_peer(association),
+            )
+            return
+        handler(command)
 
     def fragment(self, association, fragment):
         current = self._current

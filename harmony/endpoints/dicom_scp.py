@@ -1,8 +1,21 @@
 # -*- test-case-name: tests.unit.test_dicom_scp_endpoint -*-
 """
-The C{dicom_scp} endpoint service: a DICOM listener (C-ECHO, C-STORE) whose
-received instances go through the endpoint's pipeline.  C{service =
-"dicom"} under C{[endpoints]} means this type.
+The C{dicom_scp} endpoint service: a DICOM listener whose requests go
+through the endpoint's pipeline.  C{service = "dicom"} under
+C{[endpoints]} means this type.
+
+  - C-ECHO (C{enable_echo}) is answered here;
+  - C-STORE (C{enable_store}): received instances are stored, then go
+    through the pipeline;
+  - C-FIND (C{enable_find}): the query goes through the pipeline, the
+    matches come back as pending responses;
+  - C-GET (C{enable_get}) and C-MOVE (C{enable_move}), patient and study
+    root: the pipeline's backend retrieves the instances, Harmony relays
+    them as C-STORE sub-operations (L{harmony.dimse.retrieve}): for C-GET
+    on the requestor's association (the SCP role is accepted for every
+    storage SOP class it proposes), for C-MOVE to a destination of the
+    C{move_destinations} table (AE title -> C{"host:port"}), calling it
+    as C{local_aet}.
 """
 
 import os
@@ -13,13 +26,26 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from zope.interface import implementer
 
-from harmony.config.schema import REQUIRED, Bool, Field, Int, ListOf, Number, Schema, Str, from_validator
+from harmony.config.schema import (
+    REQUIRED,
+    Bool,
+    Field,
+    Int,
+    ListOf,
+    MapOf,
+    Number,
+    Options,
+    Schema,
+    Str,
+    from_validator,
+)
 from harmony.dimse import messages
 from harmony.dimse.association import AssociationSettings
 from harmony.dimse.find import FindService
 from harmony.dimse.pdu import validate_ae_title
+from harmony.dimse.retrieve import RetrieveService
 from harmony.dimse.scp import DicomServerFactory, SCPPolicy
-from harmony.dimse.scu import FIND_MODELS
+from harmony.dimse.scu import FIND_MODELS, GET_MODELS, MOVE_MODELS, DicomClient
 from harmony.dimse.status import status_for_error
 from harmony.dimse.store import StoreService
 from harmony.envelope import DicomResult, ResponseEnvelope
@@ -61,6 +87,49 @@ _check_aet = from_validator(validate_ae_title)
 _check_uid = from_validator(check_uid)
 _check_layout = from_validator(check_layout)
 
+#: Transfer syntaxes of the Query/Retrieve model contexts.
+_QUERY_SYNTAXES = (pydicom_uid.ExplicitVRLittleEndian, pydicom_uid.ImplicitVRLittleEndian)
+
+
+def parse_address(value):
+    """
+    C{"host:port"} (C{"[v6 address]:port"} for IPv6) -> C{(host, port)}.
+
+    @raise ValueError: not of that form, or a port outside 1..65535.
+    """
+    host, sep, port = value.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host.strip() or not port.isdigit():
+        raise ValueError(f'expected "host:port", got "{value}"')
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"port {number} is not in 1..65535")
+    return host.strip(), number
+
+
+class _MoveDestinations(MapOf):
+    """
+    The C-MOVE destination table: AE title -> C{"host:port"}, validated
+    into AE title (surrounding spaces removed) -> C{(host, port)}.
+    """
+
+    def __init__(self):
+        MapOf.__init__(self, Str(nonempty=True, check=from_validator(parse_address)))
+
+    def validate(self, value, where):
+        table = MapOf.validate(self, value, where)
+        out = {}
+        for aet, address in table.items():
+            try:
+                validate_ae_title(aet, "move destination AE title")
+            except ValueError as e:
+                raise where.child(aet).error(str(e)) from None
+            if aet.strip() in out:
+                raise where.child(aet).error(f'AE title "{aet.strip()}" is listed twice')
+            out[aet.strip()] = parse_address(address)
+        return Options(out)
+
 
 OPTIONS = Schema(
     {
@@ -70,6 +139,15 @@ OPTIONS = Schema(
         "enable_echo": Field(Bool(), True),
         "enable_store": Field(Bool(), False),
         "enable_find": Field(Bool(), False, "answer C-FIND (patient and study root) through the pipeline"),
+        "enable_get": Field(
+            Bool(), False, "answer C-GET (patient and study root): instances retrieved through the pipeline"
+        ),
+        "enable_move": Field(
+            Bool(), False, "answer C-MOVE (patient and study root): instances sent to a move destination"
+        ),
+        "move_destinations": Field(
+            _MoveDestinations(), Options(), 'C-MOVE destinations: a table of AE title = "host:port"'
+        ),
         "storage_dir": Field(Str(), "", "where received instances are stored (default: <storage path>/dicom)"),
         "storage_layout": Field(Str(nonempty=True, check=_check_layout), "{study}/{series}/{sop}.dcm"),
         "fsync": Field(Bool(), False, "fsync each stored file before answering"),
@@ -117,15 +195,30 @@ class DicomScpEndpoint:
         if options.enable_store:
             for sop_class in options.sop_classes or STORAGE_SOP_CLASSES:
                 abstract[sop_class] = syntaxes
+        scp_role = ()
+        if options.enable_get:
+            # The storage contexts of the C-STORE sub-operations, proposed by
+            # the requestor with the SCP role (a C-STORE-RQ received on one
+            # is still refused unless enable_store).
+            scp_role = tuple(options.sop_classes or STORAGE_SOP_CLASSES)
+            for sop_class in scp_role:
+                abstract[sop_class] = syntaxes
+        models = []
         if options.enable_find:
-            for sop_class in FIND_MODELS.values():
-                abstract[sop_class] = [pydicom_uid.ExplicitVRLittleEndian, pydicom_uid.ImplicitVRLittleEndian]
+            models += FIND_MODELS.values()
+        if options.enable_get:
+            models += GET_MODELS.values()
+        if options.enable_move:
+            models += MOVE_MODELS.values()
+        for sop_class in models:
+            abstract[sop_class] = list(_QUERY_SYNTAXES)
         return SCPPolicy(
             ae_title=options.local_aet,
             syntaxes=abstract,
             require_called_aet=options.require_called_aet,
             allowed_calling_aets=options.allowed_calling_aets,
             max_associations=options.max_associations,
+            requestor_scp_allowed=scp_role,
         )
 
     def storage_dir(self):
@@ -159,6 +252,23 @@ class DicomScpEndpoint:
             )
         if options.enable_find:
             handlers[messages.C_FIND_RQ] = FindService((executor, self))
+        if options.enable_get:
+            handlers[messages.C_GET_RQ] = RetrieveService((executor, self), "get")
+        if options.enable_move:
+            client = DicomClient(
+                reactor,
+                local_aet=options.local_aet,
+                settings=AssociationSettings(
+                    max_pdu_length=options.max_pdu_length,
+                    artim_timeout=options.artim_timeout_secs,
+                    idle_timeout=options.idle_timeout_secs,
+                ),
+                connect_timeout=options.artim_timeout_secs,
+                dimse_timeout=options.dimse_timeout_secs,
+            )
+            handlers[messages.C_MOVE_RQ] = RetrieveService(
+                (executor, self), "move", destinations=dict(options.move_destinations), client=client
+            )
         factory = DicomServerFactory(reactor, self.policy(), settings, handlers, enable_echo=options.enable_echo)
         description = f"tcp:port={options.port}:interface={endpoints.quoteStringArgument(options.bind_addr)}"
         listener = StreamServerEndpointService(endpoints.serverFromString(reactor, description), factory)
