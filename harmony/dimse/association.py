@@ -119,6 +119,7 @@ class Association(Protocol):
         self._closed = False
         self._ac = None
         self._reading_paused = False
+        self._holds = 0
         #: Cancellable operations (C-FIND, C-GET, C-MOVE) answering on this
         #: association, by message ID (for C-CANCEL-RQ): each has
         #: C{cancel()} and C{aborted(association)}.
@@ -282,6 +283,12 @@ class Association(Protocol):
         timeout = settings.idle_timeout
         if settings.dimse_timeout and self.assembler.in_progress:
             timeout = settings.dimse_timeout
+        elif self._holds:
+            # The peer waits for our answer: not idle.
+            if self._idle is not None and self._idle.active():
+                self._idle.cancel()
+            self._idle = None
+            return
         if not timeout:
             return
         if self._idle is not None and self._idle.active():
@@ -300,6 +307,24 @@ class Association(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+
+    # -- operations in progress ---------------------------------------------
+
+    def hold(self):
+        """
+        An operation the peer asked for is in progress here (a C-FIND,
+        C-GET or C-MOVE waiting for an upstream): the peer rightly sends
+        nothing meanwhile, so the idle timer is off until L{release_hold}
+        (the operation's own timeouts bound the wait).
+        """
+        self._holds += 1
+        self._touch()
+
+    def release_hold(self):
+        if self._holds:
+            self._holds -= 1
+        if not self._holds and not self._closed:
+            self._touch()
 
     # -- flow control -------------------------------------------------------
 

@@ -62,6 +62,7 @@ class _FindOperation:
         self._matches = None
         self._answered = False
         self._cancelled = False
+        self._held = False
 
     # -- the request identifier ---------------------------------------------
 
@@ -90,6 +91,9 @@ class _FindOperation:
             self.answer(IDENTIFIER_DOES_NOT_MATCH, "QueryRetrieveLevel missing or invalid")
             return
         executor, endpoint = self.service.pipeline
+        # The requestor waits for our responses: not idle meanwhile.
+        self._held = True
+        self.association.hold()
         d = executor.execute(endpoint, self._envelope(identifier, level))
         d.addCallback(self._respond)
         d.addErrback(self._failed)
@@ -193,6 +197,7 @@ class _FindOperation:
             return
         self._answered = True
         association = self.association
+        self._release_hold()
         association.operations.pop(self.message_id, None)
         if association._closed:
             return
@@ -216,7 +221,13 @@ class _FindOperation:
             self._matches.cancel()
         self.answer(CANCEL)
 
+    def _release_hold(self):
+        if self._held:
+            self._held = False
+            self.association.release_hold()
+
     def aborted(self, association):
+        self._release_hold()
         self._answered = True
         if self._matches is not None:
             self._matches.cancel()

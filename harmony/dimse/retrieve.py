@@ -252,6 +252,7 @@ class _RetrieveOperation:
         self._down = None  # why the move destination is unavailable
         self._comment = None  # why the last sub-operation failed
         self._pending_rsp = None  # C-GET: the C-STORE-RSP awaited
+        self._held = False  # the association's idle timer is held for us
         self._destination = None  # C-MOVE: the _Destination
 
     # -- the request identifier -------------------------------------------
@@ -285,6 +286,10 @@ class _RetrieveOperation:
             return
         executor, endpoint = self.service.pipeline
         self._phase = "pipeline"
+        # The requestor sends nothing until our final response (a C-MOVE
+        # can take long): not idle meanwhile.
+        self._held = True
+        self.association.hold()
         d = defer.maybeDeferred(executor.execute, endpoint, self._envelope(identifier, level))
         d.addCallback(self._respond)
         d.addErrback(self._failed)
@@ -580,9 +585,6 @@ class _RetrieveOperation:
         }
         fields.update(self._counts(remaining=True))
         association.send_message(self.context.id, messages.encode_command(fields))
-        # A requestor waiting for our responses is not idle (a C-MOVE's
-        # requestor sends nothing until the end).
-        association._touch()
 
     def _final_status(self, upstream_status, upstream_comment):
         """
@@ -636,6 +638,7 @@ class _RetrieveOperation:
         association = self.association
         if association.operations.get(self.message_id) is self:
             del association.operations[self.message_id]
+        self._release_hold()
         if association._closed or self._aborted:
             return
         fields = {
@@ -667,10 +670,16 @@ class _RetrieveOperation:
         if self._phase in ("request", "pipeline", "upstream_end"):
             self._final(dimse_status.CANCEL)
 
+    def _release_hold(self):
+        if self._held:
+            self._held = False
+            self.association.release_hold()
+
     def aborted(self, association):
         """
         The association ended: stop everything, report nothing.
         """
+        self._release_hold()
         self._answered = True
         self._aborted = True
         if self._instances is not None:

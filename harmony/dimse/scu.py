@@ -361,6 +361,16 @@ class ClientAssociation:
         d = defer.Deferred()
         timer = self._client.reactor.callLater(self._dimse_timeout, self._timed_out, message_id)
         self._pending[message_id] = (d, timer)
+        # Waiting for the peer's answer (or sending a large data set) is
+        # not idleness: the DIMSE timeout bounds the wait.
+        association = self.association
+        association.hold()
+
+        def released(result):
+            association.release_hold()
+            return result
+
+        d.addBoth(released)
         sent = self.association.send_message(context_id, messages.encode_command(fields), dataset)
         sent.addErrback(lambda f: self._fail(f.value) if self._pending else None)
         return d
@@ -562,6 +572,7 @@ class ClientAssociation:
             operation._failed(AssociationAborted(message="the association has ended"))
         else:
             self._operations[operation.message_id] = operation
+            operation._hold()
             operation._start_timer()
             sent = self.association.send_message(context.id, messages.encode_command(fields), data)
             sent.addErrback(lambda f: self._fail(f.value) if not operation._done else None)
@@ -637,6 +648,8 @@ class _Operation:
 
     #: The DIMSE service, for messages.
     _kind = "DIMSE"
+    #: Whether the association's idle timer is held for this operation.
+    _held = False
 
     def __init__(self, client_association, context, message_id):
         self._ca = client_association
@@ -699,12 +712,28 @@ class _Operation:
         release what it holds, before its result fires.
         """
 
+    def _hold(self):
+        """
+        Hold the association's idle timer while the operation runs (its
+        DIMSE timer bounds the waits).
+        """
+        association = self._ca.association
+        if association is not None and not self._held:
+            self._held = True
+            association.hold()
+
+    def _release_hold(self):
+        if self._held:
+            self._held = False
+            self._ca.association.release_hold()
+
     def _end(self, status):
         if self._done:
             return
         self._done = True
         self._stop_timer()
         self._unregister()
+        self._release_hold()
         self._ended()
         self.result.callback(status)
 
@@ -714,6 +743,7 @@ class _Operation:
         self._done = True
         self._stop_timer()
         self._unregister()
+        self._release_hold()
         self._ended(error)
         self.result.errback(error)
 

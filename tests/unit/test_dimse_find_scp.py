@@ -170,3 +170,46 @@ class FindSCPTests(SynchronousTestCase):
         find = association.find(query(), "study")
         self.pump.flush()
         self.assertEqual(self.successResultOf(find.result).status, 0xA700)
+
+
+class IdleHoldTests(SynchronousTestCase):
+    """
+    A requestor waiting for a slow backend is not idle: the SCP's idle
+    timer is held while a query is in progress, and runs again after the
+    final response.
+    """
+
+    def test_idle_timer_held_while_the_backend_works(self):
+        from harmony.dimse.association import AssociationSettings
+
+        reactor = MemoryReactorClock()
+        executor = Executor()
+        factory = DicomServerFactory(
+            reactor,
+            SCPPolicy("HARMONY", SYNTAXES),
+            AssociationSettings(idle_timeout=10, dimse_timeout=5),
+            services={messages.C_FIND_RQ: FindService((executor, "endpoint"))},
+        )
+        client = DicomClient(reactor, "FINDSCU", dimse_timeout=1000)
+        d = client.associate("127.0.0.1", 104, "HARMONY", list(SYNTAXES.items()))
+        server = factory.buildProtocol(None)
+        client_protocol = reactor.tcpClients[-1][2].buildProtocol(None)
+        pump = iosim.connect(
+            server, iosim.makeFakeServer(server), client_protocol, iosim.makeFakeClient(client_protocol), greet=True
+        )
+        pump.flush()
+        association = self.successResultOf(d)
+        find = association.find(query(), "study")
+        pump.flush()
+        reactor.advance(100)
+        pump.flush()
+        self.assertFalse(server._closed)
+        executor.matches.finish()
+        executor.done.callback((0x0000, None))
+        pump.flush()
+        self.assertEqual(self.successResultOf(find.result).status, 0x0000)
+        reactor.advance(9)
+        self.assertFalse(server._closed)
+        reactor.advance(2)
+        pump.flush()
+        self.assertTrue(server._closed)
