@@ -176,6 +176,9 @@ class DicomScpEndpoint:
         self.name = name
         self.options = options
         self._config = getattr(context, "config", None)
+        #: Routes C-MOVE instances a dicom_scu backend asked for (its
+        #: incoming_store_port is this endpoint's port) to that move.
+        self._move_router = getattr(context, "move_router", None)
 
     def http_routes(self):
         return []
@@ -248,7 +251,11 @@ class DicomScpEndpoint:
             # A pipeline with neither middleware nor backends only stores.
             busy = executor.backends or executor.request_chain or executor.response_chain
             handlers[messages.C_STORE_RQ] = StoreService(
-                storage, options.storage_layout, options.fsync, pipeline=(executor, self) if busy else None
+                storage,
+                options.storage_layout,
+                options.fsync,
+                pipeline=(executor, self) if busy else None,
+                router=self._move_router,
             )
         if options.enable_find:
             handlers[messages.C_FIND_RQ] = FindService((executor, self))

@@ -535,3 +535,18 @@ def test_services_factory_serves(tmp_path, backends):
 
 def test_module_exports():
     assert dicom_scp.OPTIONS is builtin_registry().service("dicom", "endpoint").endpoint_options
+
+
+def test_store_service_routes_moves_with_the_gateways_router(tmp_path):
+    from harmony.config.schema import Where
+    from harmony.dimse.move import MoveRouter
+    from harmony.endpoints.dicom_scp import OPTIONS
+    from harmony.registry import BuildContext
+
+    context = BuildContext(move_router=MoveRouter())
+    options = OPTIONS.validate(
+        {"local_aet": "HARMONY", "enable_store": True, "storage_dir": str(tmp_path / "s")}, Where("t.toml")
+    )
+    endpoint = DicomScpEndpoint("scp", options, context)
+    _, listener = endpoint.services(FakeExecutor(), MemoryReactorClock())
+    assert listener.factory.services[messages.C_STORE_RQ].router is context.move_router
