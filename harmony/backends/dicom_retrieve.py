@@ -24,6 +24,7 @@ from harmony.dimse.scu import GET_MODELS, MOVE_MODELS, DimseTimeout, suboperatio
 from harmony.envelope import DicomResult
 from harmony.errors import BadRequest, UpstreamUnavailable
 from harmony.logs import logger
+from harmony.storage.dicom import DEFAULT_LAYOUT
 from harmony.streams import EOF, Stream, StreamCancelled
 
 log = logger("harmony.backends.dicom_scu")
@@ -80,7 +81,7 @@ class Retriever:
 
     # -- one entry point --------------------------------------------------
 
-    def retrieve(self, request, storage, mode=None, dispose=None):
+    def retrieve(self, request, storage, mode=None, dispose=None, layout=DEFAULT_LAYOUT, on_settled=None):
         """
         Retrieve what C{request} (a C{DicomRequest}: query model, level,
         identifier, priority, user identity) names.
@@ -90,17 +91,22 @@ class Retriever:
             C{dimse_retrieve_mode}).
         @param dispose: C{instance -> callable} for spooled instances (the
             consumer calls it once done), or C{None} to keep them.
+        @param layout: the relpath template of the stored instances.
+        @param on_settled: called once the operation has ended and its
+            instance stream has been read to its end or cancelled (nothing
+            more will be written or delivered: a spool area can go).
         @return: Deferred[L{DicomResult}] (streamed: read C{instances}, then
             wait for C{done}); fails with typed upstream errors when the
             PACS cannot be reached.
         """
         mode = mode or self.options.dimse_retrieve_mode
         run = self._get if mode == "get" else self._move
-        return defer.Deferred.fromCoroutine(run(request, storage, dispose))
+        settle = _Settle(on_settled)
+        return defer.Deferred.fromCoroutine(run(request, storage, dispose, layout, settle))
 
     # -- C-GET --------------------------------------------------------------
 
-    async def _get(self, request, storage, dispose):
+    async def _get(self, request, storage, dispose, layout, settle):
         from harmony.backends.dicom_scu import RETRIEVE_SYNTAXES
 
         options = self.options
@@ -115,18 +121,22 @@ class Retriever:
             ),
         )
         try:
-            operation = association.get(request.identifier, model, request.priority or 0, storage=storage)
+            operation = association.get(
+                request.identifier, model, request.priority or 0, storage=storage, layout=layout
+            )
         except (LookupError, ValueError) as e:
             await _release(association)
+            settle.fail()
             raise BadRequest(f"The PACS cannot retrieve this query: {e}")
         result = DicomResult(status=None, done=defer.Deferred())
         operation.on_progress = lambda counts: update_counts(result, counts)
-        result.instances = _with_dispose(operation.instances, dispose)
+        result.instances = _with_dispose(operation.instances, dispose, settle=settle)
 
         def ended(outcome):
             if not isinstance(outcome, Failure):
                 update_counts(result, suboperation_counts(outcome.fields))
             defer.ensureDeferred(_release(association))
+            settle.operation_ended()
             result.done.callback(final_of(outcome, "retrieve"))
 
         operation.result.addBoth(ended)
@@ -134,13 +144,13 @@ class Retriever:
 
     # -- C-MOVE to ourselves --------------------------------------------------
 
-    async def _move(self, request, storage, dispose):
+    async def _move(self, request, storage, dispose, layout, settle):
         options = self.options
         model = request.query_model or "study"
         if model not in MOVE_MODELS:
             raise BadRequest(f"Unknown query model {model!r}")
         await self._hold_listener()
-        incoming = self.router.expect(options.local_aet, storage, source_aet=None)
+        incoming = self.router.expect(options.local_aet, storage, layout=layout, source_aet=None)
         try:
             association = await self.backend._associate(
                 [(MOVE_MODELS[model], _query_syntaxes())], request.user_identity
@@ -148,6 +158,7 @@ class Retriever:
         except BaseException as e:
             incoming.fail(e)
             self._drop_listener()
+            settle.fail()
             raise
         try:
             operation = association.move(
@@ -157,13 +168,14 @@ class Retriever:
             incoming.fail(e)
             self._drop_listener()
             await _release(association)
+            settle.fail()
             raise BadRequest(f"The PACS cannot retrieve this query: {e}")
         # Sub-operations restart the move's DIMSE timer; a slow consumer
         # suspends it; cancelling the instances sends a C-CANCEL.
         incoming.follow(operation)
         result = DicomResult(status=None, done=defer.Deferred())
         operation.on_progress = lambda counts: update_counts(result, counts)
-        result.instances = _with_dispose(incoming.instances, dispose, on_cancel=operation.cancel)
+        result.instances = _with_dispose(incoming.instances, dispose, on_cancel=operation.cancel, settle=settle)
 
         def ended(outcome):
             if isinstance(outcome, Failure):
@@ -173,6 +185,7 @@ class Retriever:
                 incoming.finish()
             defer.ensureDeferred(_release(association))
             self._drop_listener()
+            settle.operation_ended()
             result.done.callback(final_of(outcome, "retrieve"))
 
         operation.result.addBoth(ended)
@@ -335,27 +348,49 @@ async def _release(association):
         pass
 
 
-def _with_dispose(instances, dispose, on_cancel=None):
+def _with_dispose(instances, dispose, on_cancel=None, settle=None):
     """
     The instance stream as given, with each instance's C{dispose} set by
     C{dispose(instance)} when there is one; cancelling it cancels the
-    source (and calls C{on_cancel}, e.g. a C-CANCEL for a move).
+    source (and calls C{on_cancel}, e.g. a C-CANCEL for a move).  A
+    L{_Settle} is told how the stream ends and which delivered instances
+    were disposed of.
     """
-    if dispose is None and on_cancel is None:
+    if dispose is None and on_cancel is None and settle is None:
         return instances
+    settle = settle or _Settle(None)
     out = Stream(high_water=2)
     out.attach_producer(_SourceControl(instances, on_cancel))
 
+    def disposer(item):
+        inner = dispose(item) if dispose is not None else None
+        if inner is None:
+            return None
+        settle.delivered()
+
+        def dispose_once():
+            if dispose_once.done:
+                return
+            dispose_once.done = True
+            try:
+                inner()
+            finally:
+                settle.disposed()
+
+        dispose_once.done = False
+        return dispose_once
+
     async def pump():
+        cancelled = False
         try:
             while True:
                 item = await instances.read()
                 if item is EOF:
                     out.finish()
                     return
-                if dispose is not None:
-                    item.dispose = dispose(item)
+                item.dispose = disposer(item)
                 if out.cancelled:
+                    cancelled = True
                     if item.dispose is not None:
                         item.dispose()
                     return
@@ -363,12 +398,57 @@ def _with_dispose(instances, dispose, on_cancel=None):
                 if not out.writable:
                     await out.wait_writable()
         except StreamCancelled:
-            return
+            cancelled = True
         except Exception:
             out.fail(Failure())
+        finally:
+            settle.stream_ended(cancelled or out.cancelled)
 
     defer.ensureDeferred(pump())
     return out
+
+
+class _Settle:
+    """
+    Calls C{on_settled} once nothing more will be written or read: the
+    operation has ended, and its instance stream was cancelled by the
+    consumer, or ended with every instance delivered disposed of (or the
+    retrieve could not start).
+    """
+
+    def __init__(self, on_settled):
+        self._on_settled = on_settled
+        self._operation = self._stream = self._cancelled = False
+        self._outstanding = 0
+
+    def delivered(self):
+        self._outstanding += 1
+
+    def disposed(self):
+        self._outstanding -= 1
+        self._maybe()
+
+    def operation_ended(self):
+        self._operation = True
+        self._maybe()
+
+    def stream_ended(self, cancelled):
+        self._stream = True
+        self._cancelled = cancelled
+        self._maybe()
+
+    def fail(self):
+        self._operation = self._stream = self._cancelled = True
+        self._maybe()
+
+    def _maybe(self):
+        if not (self._operation and self._stream):
+            return
+        if self._outstanding > 0 and not self._cancelled:
+            return
+        if self._on_settled is not None:
+            on_settled, self._on_settled = self._on_settled, None
+            on_settled()
 
 
 class _SourceControl:

@@ -15,6 +15,7 @@ type.
 """
 
 import os
+import uuid
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -318,7 +319,18 @@ class DicomScuBackend:
             # disposes of the spooled copy); how is dimse_retrieve_mode's
             # choice, whatever the requester's operation was.
             spool = self._spool_storage()
-            result = await self.retriever.retrieve(request, spool, dispose=_disposer(spool))
+            # One area per retrieve: what a cancelled relay never took is
+            # removed with it once the retrieve has settled.
+            area = uuid.uuid4().hex
+
+            def settled():
+                d = spool.delete_tree(area)
+                d.addErrback(lambda f: log.warn("Removing a spool area failed: {error}", error=f.getErrorMessage()))
+
+            result = await self.retriever.retrieve(
+                request, spool, dispose=_disposer(spool), layout=area + "/{study}/{series}/{sop}.dcm",
+                on_settled=settled,
+            )
             response = ResponseEnvelope(status=200)
             response.dicom = result
             return response

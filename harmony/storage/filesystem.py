@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import os
 import re
+import shutil
 import threading
 
 from twisted.application.service import Service
@@ -443,6 +444,20 @@ class FilesystemStorage(Service):
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.EBUSY):
                     break
                 raise
+            directory = os.path.dirname(directory)
+
+    def delete_tree(self, relpath):
+        path = self._path(relpath)
+        return self._in_thread(self._delete_tree, path)
+
+    def _delete_tree(self, path):
+        shutil.rmtree(path, ignore_errors=True)
+        directory = os.path.dirname(path)
+        while directory != self.root and directory.startswith(self.root):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
             directory = os.path.dirname(directory)
 
     def temp_area(self, name):

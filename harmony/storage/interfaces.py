@@ -134,6 +134,14 @@ class IStorage(Interface):
             is no such object.
         """
 
+    def delete_tree(relpath):
+        """
+        Remove a directory and everything under it (nothing to do when it
+        does not exist), e.g. the spool area of a finished retrieve.
+
+        @return: Deferred[None]
+        """
+
     def temp_area(name):
         """
         A private temporary directory under the storage root (created when

@@ -76,7 +76,8 @@ class FakeAssociation:
         self.calls = []
         self.released = False
 
-    def get(self, identifier, model, priority=0, storage=None):
+    def get(self, identifier, model, priority=0, storage=None, layout=None):
+        self.layout = layout
         self.calls.append(("get", identifier, model, priority, storage))
         if self.error is not None:
             raise self.error
@@ -138,6 +139,7 @@ class FakeRouter:
         self.expected = []
 
     def expect(self, destination_aet, storage, **kwargs):
+        self.layout = kwargs.get("layout")
         incoming = FakeIncoming(100 + len(self.expected))
         self.expected.append((destination_aet, storage, incoming))
         return incoming
@@ -223,12 +225,13 @@ class RetrieveTestCase(SynchronousTestCase):
         self.addCleanup(lambda: self.successResultOf(b.close()))
         return b
 
-    def spool_instance(self, backend, name="a.dcm"):
+    def spool_instance(self, backend, name="a.dcm", layout="{study}/{series}/{sop}.dcm"):
         """
-        A file in the backend's spool, as a C-GET would have stored it.
+        A file in the backend's spool, as a C-GET would have stored it
+        (C{layout}: the one the retrieve was given).
         """
         spool = backend._spool_storage()
-        path = os.path.join(spool.root, "1.2.3", "4.5", name)
+        path = os.path.join(spool.root, layout.format(study="1.2.3", series="4.5", sop=name))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copyfile(CT, path)
         header = read_part10_header(CT)
@@ -310,6 +313,66 @@ class DimseGetTests(RetrieveTestCase):
     def test_unknown_model(self):
         b = self.backend(FakeClient(FakeAssociation()))
         self.failureResultOf(b.handle(dicom_envelope("get", query_model="worklist")), BadRequest)
+
+
+class SpoolAreaTests(RetrieveTestCase):
+    """
+    Each DIMSE retrieve spools into an area of its own, removed once the
+    retrieve has settled, with whatever a cancelled relay never took.
+    """
+
+    def start(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        result = self.successResultOf(b.handle(dicom_envelope("get"))).dicom
+        layout = association.layout
+        area, rest = layout.split("/", 1)
+        self.assertEqual(rest, "{study}/{series}/{sop}.dcm")
+        self.assertEqual(len(area), 32)
+        return b, association, result, os.path.join(b._spool_storage().root, area)
+
+    def test_area_removed_once_every_instance_is_disposed(self):
+        b, association, result, area = self.start()
+        op = association.operation
+        op.instances.write(self.spool_instance(b, "a", association.layout))
+        op.instances.write(self.spool_instance(b, "b", association.layout))
+        op.instances.finish()
+        op.result.callback(DimseStatus(0))
+        first = self.successResultOf(result.instances.read())
+        second = self.successResultOf(result.instances.read())
+        self.successResultOf(result.instances.read())  # EOF
+        first.dispose()
+        self.assertTrue(os.path.exists(second.path))  # still being relayed
+        self.assertTrue(os.path.isdir(area))
+        second.dispose()
+        self.assertFalse(os.path.exists(area))
+        self.assertTrue(os.path.isdir(b._spool_storage().root))
+
+    def test_cancelled_relay_leaves_nothing(self):
+        b, association, result, area = self.start()
+        op = association.operation
+        op.instances.write(self.spool_instance(b, "a", association.layout))
+        taken = self.successResultOf(result.instances.read())
+        op.instances.write(self.spool_instance(b, "b", association.layout))
+        result.instances.cancel()
+        # A sub-operation the PACS finishes after the cancel is stored too.
+        self.spool_instance(b, "c", association.layout)
+        self.assertTrue(os.path.isdir(area))
+        op.result.callback(DimseStatus(0xFE00))
+        self.assertFalse(os.path.exists(area))
+        taken.dispose()  # harmless afterwards
+
+    def test_failed_retrieve_removes_its_area(self):
+        b, association, result, area = self.start()
+        op = association.operation
+        op.instances.write(self.spool_instance(b, "a", association.layout))
+        op.instances.fail(AssociationAborted(2, 0))
+        op.result.errback(AssociationAborted(2, 0))
+        taken = self.successResultOf(result.instances.read())
+        self.failureResultOf(result.instances.read(), AssociationAborted)
+        self.assertTrue(os.path.exists(taken.path))
+        taken.dispose()
+        self.assertFalse(os.path.exists(area))
 
 
 class DimseMoveTests(RetrieveTestCase):

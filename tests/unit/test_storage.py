@@ -648,6 +648,22 @@ def test_delete(storage, pool):
     failure_of(storage.delete("e")).trap(FileNotFoundError)
 
 
+def test_delete_tree(storage, pool):
+    _fill(storage, ["area/x/1", "area/x/2", "area/y/3", "keep/z/4", "p/q/area2/5"])
+    before = pool.submitted
+    assert result_of(storage.delete_tree("area")) is None
+    assert pool.submitted == before + 1
+    assert result_of(storage.list()) == ["keep/z/4", "p/q/area2/5"]
+    # Missing: nothing to do.
+    assert result_of(storage.delete_tree("area")) is None
+    # Parents left empty are pruned, the root kept.
+    result_of(storage.delete_tree("p/q/area2"))
+    assert not os.path.exists(os.path.join(storage.root, "p"))
+    assert os.path.isdir(storage.root)
+    with pytest.raises(ValueError):
+        storage.delete_tree("../outside")
+
+
 def test_write_after_prune(storage):
     _fill(storage, ["a/b/c"])
     writer = storage.open_writer("a/b/d")
