@@ -607,12 +607,12 @@ class DicomScuBackend:
         """
         if not instances:
             return []
+        # One context per (SOP class, transfer syntax): the PACS can accept
+        # each exactly (instances are sent as they are, never transcoded).
         wanted = {}
         for instance in instances:
-            syntaxes = wanted.setdefault(instance.sop_class_uid, [])
-            if instance.transfer_syntax not in syntaxes:
-                syntaxes.append(instance.transfer_syntax)
-        association = await self._associate(list(wanted.items()), user_identity)
+            wanted.setdefault((instance.sop_class_uid, instance.transfer_syntax), None)
+        association = await self._associate([(sop_class, [ts]) for sop_class, ts in wanted], user_identity)
         results = []
         try:
             for instance in instances:

@@ -162,6 +162,23 @@ def negotiate_as_requestor(requested, answered, roles=(), role_replies=()):
     return accepted
 
 
+def contexts_for(syntaxes):
+    """
+    Presentation contexts to propose, one per C{(abstract syntax,
+    [transfer syntax, ...])} item in order (an abstract syntax may come
+    several times, e.g. once per transfer syntax so that the acceptor can
+    accept each), odd IDs from 1.
+
+    @raise ValueError: more than 128 contexts.
+    """
+    from harmony.dimse.pdu import PresentationContextRQ
+
+    syntaxes = list(syntaxes)
+    if len(syntaxes) > 128:
+        raise ValueError("at most 128 presentation contexts can be proposed")
+    return [PresentationContextRQ(2 * i + 1, abstract, list(offered)) for i, (abstract, offered) in enumerate(syntaxes)]
+
+
 def build_contexts(abstract_syntaxes, transfer_syntaxes):
     """
     Presentation contexts to propose: one per abstract syntax, odd IDs from

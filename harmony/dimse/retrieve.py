@@ -711,12 +711,11 @@ class _Destination:
     """
     The associations of one C-MOVE to its destination, one at a time.
 
-    One presentation context per SOP class (what
-    L{harmony.dimse.scu.DicomClient.associate} proposes), offering the
-    transfer syntaxes of every instance of that class seen so far, the one
-    needed now first; when an instance needs a (SOP class, transfer
-    syntax) the association lacks, a new association replaces it.  A pair
-    proposed first and not accepted is not asked for again.
+    One presentation context per (SOP class, transfer syntax) of the
+    instances seen so far (the acceptor can accept each exactly); when an
+    instance needs a pair the association lacks, a new association
+    proposing every pair seen (the newest 128) replaces it.  A pair
+    proposed and not accepted is not asked for again.
     """
 
     def __init__(self, client, aet, host, port):
@@ -725,7 +724,7 @@ class _Destination:
         self.host = host
         self.port = port
         self.current = None
-        self._wanted = {}  # SOP class -> transfer syntaxes, oldest class first
+        self._wanted = {}  # (SOP class, transfer syntax) -> None, oldest first
         self._refused = set()
         self._stopped = False
 
@@ -778,15 +777,15 @@ class _Destination:
 
     async def _associate(self, sop_class_uid, transfer_syntax):
         wanted = self._wanted
-        syntaxes = wanted.pop(sop_class_uid, [])
-        if transfer_syntax in syntaxes:
-            syntaxes.remove(transfer_syntax)
-        wanted[sop_class_uid] = [transfer_syntax] + syntaxes
+        wanted.pop((sop_class_uid, transfer_syntax), None)
+        wanted[(sop_class_uid, transfer_syntax)] = None
         while len(wanted) > MAX_CONTEXTS:
             del wanted[next(iter(wanted))]
         await self.close()
         try:
-            self.current = await self.client.associate(self.host, self.port, self.aet, list(wanted.items()))
+            self.current = await self.client.associate(
+                self.host, self.port, self.aet, [(sop_class, [ts]) for sop_class, ts in wanted]
+            )
         except Exception as e:
             log.warn(
                 "No association with move destination {aet} ({host}:{port}): {error}",

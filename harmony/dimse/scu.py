@@ -52,7 +52,7 @@ from harmony.dimse.association import (
     AssociationRejected,
     AssociationSettings,
 )
-from harmony.dimse.negotiation import NegotiationError, build_contexts, negotiate_as_requestor
+from harmony.dimse.negotiation import NegotiationError, contexts_for, negotiate_as_requestor
 from harmony.logs import logger
 from harmony.streams import Stream
 
@@ -1290,12 +1290,14 @@ class DicomClient:
         """
         Open an association.
 
-        @param syntaxes: C{[(abstract_syntax, [transfer_syntax, ...]), ...]}.
+        @param syntaxes: C{[(abstract_syntax, [transfer_syntax, ...]), ...]},
+            one presentation context each (the same abstract syntax may
+            come several times, e.g. once per transfer syntax).
         @return: Deferred[L{ClientAssociation}]; fails with
             L{AssociationRejected}, L{AssociationAborted} or a connection
             error.
         """
-        contexts = build_contexts([a for a, _ in syntaxes], {a: ts for a, ts in syntaxes})
+        contexts = contexts_for(syntaxes)
         rq = pdu.AssociateRQ(
             called_aet=called_aet,
             calling_aet=calling_aet or self.local_aet,

@@ -385,3 +385,17 @@ class TestBuildContexts:
 
     def test_empty(self):
         assert build_contexts([], [IMPLICIT]) == []
+
+
+def test_contexts_for_keeps_repeated_abstract_syntaxes():
+    from harmony.dimse.negotiation import contexts_for
+
+    contexts = contexts_for([(CT, [EXPLICIT]), (MR, [IMPLICIT, EXPLICIT]), (CT, [IMPLICIT])])
+    assert [(c.id, c.abstract_syntax, c.transfer_syntaxes) for c in contexts] == [
+        (1, CT, [EXPLICIT]),
+        (3, MR, [IMPLICIT, EXPLICIT]),
+        (5, CT, [IMPLICIT]),
+    ]
+    assert len(contexts_for([(CT, [EXPLICIT])] * 128)) == 128
+    with pytest.raises(ValueError):
+        contexts_for([(CT, [EXPLICIT])] * 129)

@@ -653,7 +653,7 @@ def test_move_new_pairs_open_new_associations(relay):
     assert proposed == [
         [(CT, [EXPLICIT])],
         [(CT, [EXPLICIT]), (MR, [EXPLICIT])],
-        [(MR, [EXPLICIT]), (CT, [IMPLICIT, EXPLICIT])],
+        [(CT, [EXPLICIT]), (MR, [EXPLICIT]), (CT, [IMPLICIT])],
     ]
     assert all(s.upper.state == "Sta1" for s in relay.dest_associations)
     assert [ts for _, _, _, ts in relay.destination.received] == [EXPLICIT, EXPLICIT, EXPLICIT, IMPLICIT, EXPLICIT]
