@@ -674,7 +674,9 @@ def _disposer(storage):
                 return
             dispose.done = True
             relpath = os.path.relpath(path, storage.root)
-            d = storage.delete(relpath)
+            # Directories stay (the next instance may be committed there
+            # right now); the retrieve's whole area goes once it settles.
+            d = storage.delete(relpath, prune=False)
             d.addErrback(lambda f: log.warn("Removing a relayed instance failed: {error}", error=f.getErrorMessage()))
 
         dispose.done = False

@@ -230,15 +230,19 @@ class FileWriter:
         target's is missing.  Returns the directories created.
         """
         created = []
-        for _ in range(3):
+        for _ in range(8):
             try:
                 os.replace(self.temp_path, self.path)
                 return created
             except FileNotFoundError:
                 if not os.path.exists(self.temp_path):
                     raise
-                # A concurrent delete may prune a directory we just made: retry.
+            # A concurrent delete may prune a directory we just made (even
+            # while we make its children): retry.
+            try:
                 created += _makedirs(os.path.dirname(self.path), self._storage.root)
+            except FileNotFoundError:
+                continue
         os.replace(self.temp_path, self.path)
         return created
 
@@ -430,12 +434,14 @@ class FilesystemStorage(Service):
         found.sort()
         return found
 
-    def delete(self, relpath):
+    def delete(self, relpath, prune=True):
         path = self._path(relpath)
-        return self._in_thread(self._delete, path)
+        return self._in_thread(self._delete, path, prune)
 
-    def _delete(self, path):
+    def _delete(self, path, prune=True):
         os.unlink(path)
+        if not prune:
+            return
         directory = os.path.dirname(path)
         while directory != self.root and directory.startswith(self.root):
             try:

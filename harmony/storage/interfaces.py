@@ -126,9 +126,10 @@ class IStorage(Interface):
         @return: Deferred[list of str]
         """
 
-    def delete(relpath):
+    def delete(relpath, prune=True):
         """
-        Remove a stored object (and the directories it leaves empty).
+        Remove a stored object (and, with C{prune}, the directories it
+        leaves empty).
 
         @return: Deferred[None]; fails with C{FileNotFoundError} when there
             is no such object.

@@ -252,7 +252,7 @@ class DimseGetTests(RetrieveTestCase):
 
         association.operation.on_progress({"remaining": 1, "completed": 1, "failed": None, "warning": None})
         self.assertEqual((result.remaining, result.completed), (1, 1))
-        instance = self.spool_instance(b)
+        instance = self.spool_instance(b, layout=association.layout)
         association.operation.instances.write(instance)
         got = self.successResultOf(result.instances.read())
         self.assertEqual(got.path, instance.path)
@@ -260,7 +260,9 @@ class DimseGetTests(RetrieveTestCase):
         got.dispose()
         got.dispose()  # once is enough; twice is harmless
         self.assertFalse(os.path.exists(got.path))
-        self.assertFalse(os.path.exists(os.path.dirname(got.path)))
+        # The directory stays (the next instance may be committed there
+        # now) until the retrieve settles.
+        self.assertTrue(os.path.isdir(os.path.dirname(got.path)))
 
         association.operation.instances.finish()
         association.operation.result.callback(
@@ -269,6 +271,8 @@ class DimseGetTests(RetrieveTestCase):
         self.assertEqual(self.successResultOf(result.done), (0, None))
         self.assertEqual((result.completed, result.failed), (2, 0))
         self.assertTrue(association.released)
+        self.successResultOf(result.instances.read())  # EOF: settled
+        self.assertEqual(os.listdir(storage.root), [".tmp"])
 
     def test_get_timeout_is_a_failure_status(self):
         association = FakeAssociation()

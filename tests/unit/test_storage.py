@@ -648,6 +648,35 @@ def test_delete(storage, pool):
     failure_of(storage.delete("e")).trap(FileNotFoundError)
 
 
+def test_delete_without_pruning(storage):
+    _fill(storage, ["a/b/c"])
+    result_of(storage.delete("a/b/c", prune=False))
+    assert not storage.exists("a/b/c")
+    assert os.path.isdir(os.path.join(storage.root, "a", "b"))
+
+
+def test_commit_survives_directories_pruned_while_it_makes_them(storage, monkeypatch):
+    from harmony.storage import filesystem
+
+    real = filesystem._makedirs
+    calls = []
+
+    def racing(path, stop):
+        # A concurrent delete prunes a parent between two mkdirs, twice.
+        calls.append(path)
+        if len(calls) <= 2:
+            raise FileNotFoundError(path)
+        return real(path, stop)
+
+    monkeypatch.setattr(filesystem, "_makedirs", racing)
+    writer = storage.open_writer()
+    writer.write(b"data")
+    stored = result_of(writer.commit("x/y/z"))
+    assert len(calls) == 3
+    with open(stored.path, "rb") as f:
+        assert f.read() == b"data"
+
+
 def test_delete_tree(storage, pool):
     _fill(storage, ["area/x/1", "area/x/2", "area/y/3", "keep/z/4", "p/q/area2/5"])
     before = pool.submitted
