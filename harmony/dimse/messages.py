@@ -307,7 +307,8 @@ def decode_command(data):
 
     @param data: the command set bytes (bytes-like).
     @raise CommandError: a truncated element header, a value running past the
-        end, an element outside group 0000, a malformed numeric value, or no
+        end, a first element outside group 0000 (elements of other groups
+        after group 0000 are ignored), a malformed numeric value, or no
         CommandField.
     @rtype: L{dict}
     """
@@ -328,6 +329,13 @@ def decode_command(data):
         value_end = offset + length
         if group or value_end > end:
             if group:
+                if fields:
+                    # DCMTK-based peers (Orthanc among them) append status
+                    # details such as the Failed SOP Instance UID List
+                    # (0008,0058) to the command set of C-GET/C-MOVE
+                    # responses: what follows group 0000 is not part of the
+                    # command and is ignored.
+                    break
                 raise CommandError("element (%04X,%04X) is outside the command group" % (group, elem))
             raise CommandError(
                 "element (0000,%04X) of length %d runs past the end of the command set" % (elem, length)

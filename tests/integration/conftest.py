@@ -7,6 +7,9 @@ Fixtures of the integration tests: real processes on 127.0.0.1.
     etc/harmony.toml (+ etc/pipelines) on a free port.
   - C{proxy_gateway}: C{twistd -n harmony} with generated http-backend
     pipelines in front of the upstream (plus one whose upstream is down).
+  - C{orthanc}: one Orthanc (DIMSE + DICOMweb) per session.
+  - C{dcmqrscp}: one DCMTK dcmqrscp (Q/R SCP, AE DCMQR) per session, loaded
+    with a few uncompressed instances.
 
 Each Harmony process is stopped with SIGTERM at teardown and must exit 0.
 """
@@ -159,3 +162,66 @@ def orthanc(tmp_path_factory):
     server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
     yield server
     server.stop()
+
+
+#: The C-MOVE destinations the session's dcmqrscp knows (its HostTable is
+#: read once, at start): AE title -> a loopback port chosen per session.
+DCMQRSCP_MOVE_DESTINATIONS = ("HARMONY", "HARMONY_SCU", "STORESCP")
+
+
+def _dcmqrscp_files(directory):
+    """
+    The session's dcmqrscp data: pydicom's CT_small.dcm and MR_small.dcm as
+    they are (explicit VR little endian, uncompressed), and two generated
+    studies with fresh UIDs: patient DCMQR1 (one CT series of two
+    instances) and patient DCMQR2 (one MR instance).
+    """
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    directory = Path(directory)
+    files = []
+    for source in ("CT_small.dcm", "MR_small.dcm"):
+        path = directory / source
+        shutil.copy(get_testdata_file(source, download=False), path)
+        files.append(path)
+    variants = [
+        ("CT_small.dcm", "DCMQR1", "DCMQR^ONE", "20240102", 2),
+        ("MR_small.dcm", "DCMQR2", "DCMQR^TWO", "20240103", 1),
+    ]
+    for source, patient_id, patient_name, date, count in variants:
+        ds = pydicom.dcmread(get_testdata_file(source, download=False))
+        ds.PatientID, ds.PatientName, ds.StudyDate = patient_id, patient_name, date
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.StudyID = patient_id
+        for i in range(count):
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = i + 1
+            path = directory / f"{patient_id}-{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    return files
+
+
+@pytest.fixture(scope="session")
+def dcmqrscp(tmp_path_factory):
+    """
+    One DCMTK dcmqrscp (AE C{DCMQR}) for the whole test session, on
+    loopback, loaded with L{_dcmqrscp_files} (C{.loaded}: their paths).  Its
+    HostTable lists the C-MOVE destinations L{DCMQRSCP_MOVE_DESTINATIONS}
+    on 127.0.0.1 (C{.hosts}: AE title -> (host, port)).
+    """
+    from peers import Dcmqrscp
+
+    directory = tmp_path_factory.mktemp("dcmqrscp")
+    hosts = {aet: ("127.0.0.1", free_port()) for aet in DCMQRSCP_MOVE_DESTINATIONS}
+    server = Dcmqrscp(directory, hosts=hosts).start()
+    try:
+        data = directory / "data"
+        data.mkdir()
+        server.load(_dcmqrscp_files(data))
+        yield server
+    finally:
+        server.stop()

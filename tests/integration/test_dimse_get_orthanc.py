@@ -189,3 +189,69 @@ def test_cancel_mid_get(orthanc, stored, tmp_path):
 def test_models_are_the_query_retrieve_get_classes():
     assert STUDY_ROOT_GET == "1.2.840.10008.5.1.4.1.2.2.3"
     assert PATIENT_ROOT_GET == "1.2.840.10008.5.1.4.1.2.1.3"
+
+
+class _FailingStorage(FilesystemStorage):
+    """
+    A storage whose second commit fails (a full disk, say).
+    """
+
+    commits = 0
+
+    def _wrap(self, writer):
+        storage = self
+        commit = writer.commit
+
+        def failing_commit(relpath=None):
+            storage.commits += 1
+            if storage.commits == 2:
+                writer.abort()
+                return defer.fail(OSError(28, "No space left on device"))
+            return commit(relpath)
+
+        writer.commit = failing_commit
+        return writer
+
+    def open_writer(self, *args, **kwargs):
+        return self._wrap(FilesystemStorage.open_writer(self, *args, **kwargs))
+
+    def prepare_writer(self, *args, **kwargs):
+        return FilesystemStorage.prepare_writer(self, *args, **kwargs).addCallback(self._wrap)
+
+
+@pytest_twisted.inlineCallbacks
+def test_get_with_a_sub_operation_failing_here(orthanc, stored, tmp_path):
+    """
+    A sub-operation Harmony cannot store is answered with a failure
+    status; Orthanc goes on, ends with a warning or failure status (its
+    final response may carry the Failed SOP Instance UID List), and the
+    association stays usable.
+    """
+    from twisted.internet import reactor
+
+    storage = _FailingStorage(str(tmp_path / "store"), reactor=reactor)
+    storage.startService()
+    client = DicomClient(reactor, "HARMONY_SCU")
+    association = yield client.associate_for_get(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet, STORAGE,
+        extra_syntaxes=[(VERIFICATION_SOP_CLASS, [ImplicitVRLittleEndian])],
+    )
+    try:
+        get = association.get(_query("STUDY", StudyInstanceUID=stored["study"]), storage=storage)
+        instances = []
+        while True:
+            instance = yield get.instances.read()
+            if instance is EOF:
+                break
+            instances.append(instance)
+        status = yield get.result
+        assert len(instances) == 2
+        assert not status.ok and (status.warning or status.failed), status
+        assert status.fields.get("NumberOfFailedSuboperations") == 1, status.fields
+        echo = yield association.echo()
+        assert echo.ok
+    finally:
+        yield association.release()
+        storage.stopService()
+    leftovers = [name for _, _, names in os.walk(tmp_path / "store") for name in names]
+    assert sorted(leftovers) == sorted(os.path.basename(i.path) for i in instances)

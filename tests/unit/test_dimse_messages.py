@@ -1122,3 +1122,29 @@ def test_store_round_trip_without_pydicom():
         assert answer["MessageIDBeingRespondedTo"] == params["MessageID"]
         assert answer["AffectedSOPInstanceUID"] == params["AffectedSOPInstanceUID"]
         assert answer["Status"] == 0
+
+
+def test_elements_after_the_command_group_are_ignored():
+    """
+    Orthanc (DCMTK) appends the Failed SOP Instance UID List (0008,0058)
+    to the command set of C-GET responses after a failed sub-operation;
+    the command decodes as if it were not there.
+    """
+    fields = {
+        "AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.2.2.3",
+        "CommandField": C_GET_RSP,
+        "MessageIDBeingRespondedTo": 1,
+        "CommandDataSetType": NO_DATASET,
+        "Status": 0xFF00,
+        "NumberOfRemainingSuboperations": 1,
+        "NumberOfCompletedSuboperations": 1,
+        "NumberOfFailedSuboperations": 1,
+        "NumberOfWarningSuboperations": 0,
+    }
+    command = encode_command(fields)
+    uid = b"1.2.3.4\x00"
+    trailer = b"\x08\x00\x00\x00\x04\x00\x00\x00" + struct.pack("<I", 8 + len(uid))
+    trailer += b"\x08\x00\x58\x00" + struct.pack("<I", len(uid)) + uid
+    decoded = decode_command(command + trailer)
+    assert decoded == decode_command(command)
+    assert decoded["NumberOfFailedSuboperations"] == 1
