@@ -10,7 +10,7 @@ from twisted.internet import defer
 
 from harmony.dimse import messages
 from harmony.dimse import status as dimse_status
-from harmony.dimse.scu import FIND_MODELS, decode_identifier, encode_identifier
+from harmony.dimse.scu import FIND_MODELS, decode_identifier, encode_identifier, received_encoding
 from harmony.envelope import DicomRequest, Headers, RequestDetails, RequestEnvelope
 from harmony.logs import logger
 from harmony.streams import EOF, StreamCancelled
@@ -39,6 +39,11 @@ class FindService:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        executor = pipeline[0]
+        #: Without middleware nothing can change the backend's matches
+        #: before they are sent: those received from a PACS in the same
+        #: transfer syntax go on as received, never re-encoded.
+        self.passthrough = not (getattr(executor, "request_chain", ()) or getattr(executor, "response_chain", ()))
 
     def start(self, association, context, command):
         operation = _FindOperation(self, association, context, command)
@@ -173,8 +178,11 @@ class _FindOperation:
         association = self.association
         if association._closed:
             return
+        transfer_syntax = self.context.transfer_syntax
+        data = received_encoding(match, transfer_syntax) if self.service.passthrough else None
         try:
-            data = encode_identifier(match, self.context.transfer_syntax)
+            if data is None:
+                data = encode_identifier(match, transfer_syntax)
         except Exception:
             log.warn("A C-FIND match could not be encoded; skipped")
             return

@@ -835,11 +835,13 @@ class FindOperation(_Operation):
             self._start_timer()
             return
         self._identifier = None
+        transfer_syntax = self.context.transfer_syntax
         try:
-            match = decode_identifier(buffer, self.context.transfer_syntax)
+            match = decode_identifier(buffer, transfer_syntax)
         except Exception as e:
             self._invalid(f"C-FIND response identifier does not decode: {e.__class__.__name__}")
             return
+        keep_encoding(match, buffer, transfer_syntax)
         if not self._done:
             self.matches.write(match)
 
@@ -1163,6 +1165,32 @@ def encode_identifier(dataset, transfer_syntax):
     return data
 
 
+#: Where a received identifier keeps the bytes it was decoded from.
+_RECEIVED = "_harmony_received"
+
+
+def keep_encoding(dataset, data, transfer_syntax):
+    """
+    Remember the bytes a received identifier was decoded from, so that a
+    relay that does not change it can send them on as they are (see
+    L{received_encoding}).
+    """
+    object.__setattr__(dataset, _RECEIVED, (bytes(data), transfer_syntax))
+
+
+def received_encoding(dataset, transfer_syntax):
+    """
+    The bytes C{dataset} was received as, when they were in
+    C{transfer_syntax} (else C{None}).  Only for relays whose pipeline
+    cannot have changed the dataset (no middleware): the bytes are not
+    checked against the dataset's content.
+    """
+    received = getattr(dataset, _RECEIVED, None)
+    if received is not None and received[1] == transfer_syntax:
+        return received[0]
+    return None
+
+
 def decode_identifier(data, transfer_syntax):
     """
     Decode an identifier (bytes) with pydicom from C{transfer_syntax}.
@@ -1317,7 +1345,9 @@ class DicomClient:
             return association
 
         endpoint = endpoints.TCP4ClientEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-        connecting = endpoint.connect(Factory.forProtocol(build))
+        factory = Factory.forProtocol(build)
+        factory.noisy = False  # no "Starting factory" line per association
+        connecting = endpoint.connect(factory)
         connecting.addErrback(ca._fail)
         timer = self.reactor.callLater(self.connect_timeout, self._associate_timeout, ca, connecting)
 

@@ -213,3 +213,54 @@ class IdleHoldTests(SynchronousTestCase):
         reactor.advance(2)
         pump.flush()
         self.assertTrue(server._closed)
+
+
+class PassthroughTests(SynchronousTestCase):
+    """
+    Matches received from a PACS go on as received when the pipeline has
+    no middleware (nothing can have changed them) and the transfer
+    syntaxes agree; otherwise they are encoded from the dataset.
+    """
+
+    connect = FindSCPTests.connect
+    read_all = FindSCPTests.read_all
+
+    def received(self, uid, sent_as):
+        from harmony.dimse.scu import encode_identifier, keep_encoding
+
+        ds = match(uid)
+        keep_encoding(ds, encode_identifier(match(sent_as), IMPLICIT_VR_LITTLE_ENDIAN), IMPLICIT_VR_LITTLE_ENDIAN)
+        return ds
+
+    def test_sent_as_received_without_middleware(self):
+        executor = Executor()
+        association = self.connect(executor)
+        find = association.find(query(), "study")
+        self.pump.flush()
+        # The bytes, not the dataset, are what goes on (they are not
+        # compared: only a relay that cannot change the dataset uses them).
+        executor.matches.write(self.received("1.2.3", sent_as="9.9.9"))
+        executor.matches.finish()
+        executor.done.callback((0x0000, None))
+        self.pump.flush()
+        self.assertEqual([m.StudyInstanceUID for m in self.read_all(find.matches)], ["9.9.9"])
+
+    def test_encoded_with_middleware(self):
+        executor = Executor()
+        executor.request_chain = ("audit",)
+        association = self.connect(executor)
+        find = association.find(query(), "study")
+        self.pump.flush()
+        executor.matches.write(self.received("1.2.3", sent_as="9.9.9"))
+        executor.matches.finish()
+        executor.done.callback((0x0000, None))
+        self.pump.flush()
+        self.assertEqual([m.StudyInstanceUID for m in self.read_all(find.matches)], ["1.2.3"])
+
+    def test_received_encoding_needs_the_same_transfer_syntax(self):
+        from harmony.dimse.scu import EXPLICIT_VR_LITTLE_ENDIAN, received_encoding
+
+        ds = self.received("1.2.3", sent_as="1.2.3")
+        self.assertIsNotNone(received_encoding(ds, IMPLICIT_VR_LITTLE_ENDIAN))
+        self.assertIsNone(received_encoding(ds, EXPLICIT_VR_LITTLE_ENDIAN))
+        self.assertIsNone(received_encoding(match("1.2.3"), IMPLICIT_VR_LITTLE_ENDIAN))
