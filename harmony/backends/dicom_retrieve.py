@@ -73,6 +73,7 @@ class Retriever:
         self.shared_scp = shared_scp
         self._listener = None
         self._starting = None
+        self._stopping = None
         self._users = 0
 
     @property
@@ -236,6 +237,11 @@ class Retriever:
             raise UpstreamUnavailable(
                 f"Harmony cannot receive C-MOVE instances on port {self.options.incoming_store_port}"
             )
+        finally:
+            # Started or not: the next move that finds no listener starts
+            # one again.
+            if self._starting is starting:
+                self._starting = None
 
     def _make_listener(self):
         from harmony.dimse.move import MoveStoreListener
@@ -266,21 +272,23 @@ class Retriever:
     def _start_listener(self):
         options = self.options
         listener = self._make_listener()
-        d = defer.maybeDeferred(listener.startService)
+        # After the previous listener has let the port go.
+        stopping, self._stopping = self._stopping, None
+        d = defer.Deferred()
+        if stopping is not None:
+            stopping.addBoth(lambda _: d.callback(None))
+        else:
+            d.callback(None)
+        d.addCallback(lambda _: listener.startService())
 
         def started(_):
             self._listener = listener
-            self._starting = None
             log.info(
                 "Backend {backend}: receiving C-MOVE instances as {aet} on port {port}",
                 backend=self.backend.name, aet=options.local_aet, port=options.incoming_store_port,
             )
 
-        def failed(failure):
-            self._starting = None
-            return failure
-
-        d.addCallbacks(started, failed)
+        d.addCallback(started)
         # Several moves may wait for the same start.
         return _Shared(d)
 
@@ -288,7 +296,10 @@ class Retriever:
         self._users -= 1
         if self._users == 0 and not self.options.persistent_store_scp and self._listener is not None:
             listener, self._listener = self._listener, None
-            defer.maybeDeferred(listener.stopService)
+            stopping = defer.maybeDeferred(listener.stopService)
+            stopping.addErrback(lambda f: log.warn("Stopping the C-MOVE store SCP failed: {error}",
+                                                   error=f.getErrorMessage()))
+            self._stopping = _Shared(stopping).wait()
 
     def stop(self):
         if self.options.persistent_store_scp:
@@ -373,8 +384,14 @@ def _with_dispose(instances, dispose, on_cancel=None, settle=None):
                 return
             dispose_once.done = True
             try:
-                inner()
-            finally:
+                d = inner()
+            except Exception:
+                settle.disposed()
+                raise
+            # The area goes only once this copy's removal is over.
+            if isinstance(d, defer.Deferred):
+                d.addBoth(lambda _: settle.disposed())
+            else:
                 settle.disposed()
 
         dispose_once.done = False

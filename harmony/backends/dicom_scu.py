@@ -677,7 +677,13 @@ def _disposer(storage):
             # Directories stay (the next instance may be committed there
             # right now); the retrieve's whole area goes once it settles.
             d = storage.delete(relpath, prune=False)
-            d.addErrback(lambda f: log.warn("Removing a relayed instance failed: {error}", error=f.getErrorMessage()))
+
+            def failed(failure):
+                if not failure.check(FileNotFoundError):
+                    log.warn("Removing a relayed instance failed: {error}", error=failure.getErrorMessage())
+
+            d.addErrback(failed)
+            return d
 
         dispose.done = False
         return dispose if path else None

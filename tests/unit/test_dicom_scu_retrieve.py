@@ -429,6 +429,35 @@ class DimseMoveTests(RetrieveTestCase):
         ids = [incoming.message_id for _, _, incoming in self.router.expected]
         self.assertEqual(len(set(ids)), 2)
 
+    def test_consecutive_moves_listen_again(self):
+        client = FakeClient(FakeAssociation())
+        b = self.backend(client, dimse_retrieve_mode="move")
+        for round in (1, 2, 3):
+            association = client.association = FakeAssociation()
+            result = self.successResultOf(b.handle(dicom_envelope("move"))).dicom
+            self.assertEqual(len(self.listeners), round)
+            self.assertTrue(self.listeners[-1].running)
+            association.operation.result.callback(DimseStatus(0))
+            self.assertEqual(self.successResultOf(result.done)[0], 0)
+            self.assertFalse(self.listeners[-1].running)
+
+    def test_next_listener_waits_for_the_previous_to_stop(self):
+        client = FakeClient(FakeAssociation())
+        b = self.backend(client, dimse_retrieve_mode="move")
+        stopped = defer.Deferred()
+        first = client.association
+        self.successResultOf(b.handle(dicom_envelope("move")))
+        self.listeners[0].stopService = lambda: stopped
+        first.operation.result.callback(DimseStatus(0))
+        client.association = FakeAssociation()
+        d = b.handle(dicom_envelope("move"))
+        self.assertNoResult(d)
+        self.assertEqual(len(self.listeners), 2)
+        self.assertFalse(self.listeners[1].running)
+        stopped.callback(None)
+        self.successResultOf(d)
+        self.assertTrue(self.listeners[1].running)
+
     def test_persistent_listener_is_a_service_and_stays(self):
         association = FakeAssociation()
         b = self.backend(FakeClient(association), dimse_retrieve_mode="move", persistent_store_scp=True)
