@@ -26,6 +26,7 @@ from harmony.dimse import status as dimse_status
 from harmony.dimse.association import AssociationAborted, AssociationRejected, AssociationSettings
 from harmony.dimse.messages import VERIFICATION_SOP_CLASS
 from harmony.dimse.pdu import validate_ae_title
+from harmony.dimse.pool import AssociationPool, pool_key
 from harmony.dimse.scu import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     FIND_MODELS,
@@ -66,6 +67,11 @@ OPTIONS = Schema(
         "incoming_bind_addr": Field(Str(nonempty=True), "0.0.0.0", "the address of the C-MOVE store SCP"),
         "persistent_store_scp": Field(Bool(), False, "keep the C-MOVE store SCP listening between moves"),
         "storage_dir": Field(Str(), "", "where retrieved instances are kept (default: <storage path>/retrieved)"),
+        "association_idle_secs": Field(
+            Number(min=0), 0.0,
+            "keep associations with the PACS open this long between C-ECHO/C-FIND/C-STORE operations for reuse "
+            "(0: one association per operation)",
+        ),
     }
 )
 
@@ -202,6 +208,7 @@ class DicomScuBackend:
         self._client = None
         self._storage = None
         self._spool = None
+        self._pool = AssociationPool(self._reactor, options.association_idle_secs)
         router = getattr(context, "move_router", None)
         if router is None:
             from harmony.dimse.move import MoveRouter
@@ -365,8 +372,9 @@ class DicomScuBackend:
                     final = (dimse_status.OUT_OF_RESOURCES, "The PACS aborted the query")
             else:
                 final = (outcome.status, outcome.error_comment)
-            # Released in the background; the answer does not wait for it.
-            defer.ensureDeferred(_release(association))
+            # Released (or kept) in the background; the answer does not
+            # wait for it.
+            self._done(association)
             done.callback(final)
 
         operation.result.addBoth(ended)
@@ -565,13 +573,23 @@ class DicomScuBackend:
         it, e.g. for C-GET); failures become typed upstream errors.
         """
         options = self.options
+        key = None
         if connect is None:
+            key = pool_key(syntaxes, user_identity)
+            association = self._pool.take(key)
+            if association is not None:
+                association.pool_key = key
+                association.reused = True
+                return association
 
             def connect():
                 return self.client.associate(options.host, options.port, options.aet, syntaxes, user_identity=user_identity)
 
         try:
-            return await connect()
+            association = await connect()
+            association.pool_key = key
+            association.reused = False
+            return association
         except AssociationRejected as e:
             log.warn(
                 "Backend {backend}: association rejected by {aet} (source {source}, reason {reason})",
@@ -587,16 +605,30 @@ class DicomScuBackend:
             log.warn("Backend {backend}: cannot associate with {aet}: {kind}", backend=self.name, aet=options.aet, kind=type(e).__name__)
             raise UpstreamUnavailable("The PACS is unreachable")
 
+    def _done(self, association):
+        """
+        Finished with an association: kept for reuse when it may be (see
+        C{association_idle_secs}), else released in the background.
+        """
+        key = getattr(association, "pool_key", None)
+        if key is not None:
+            self._pool.give(key, association)
+        else:
+            defer.ensureDeferred(_release(association))
+
     async def _echo(self, user_identity=None):
-        association = await self._associate([(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)], user_identity)
-        try:
-            status = await association.echo()
-        except DimseTimeout:
-            raise UpstreamTimeout("The PACS did not answer the C-ECHO in time")
-        except AssociationAborted:
-            raise UpstreamUnavailable("The PACS aborted the association")
-        await _release(association)
-        return status
+        while True:
+            association = await self._associate([(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)], user_identity)
+            try:
+                status = await association.echo()
+            except DimseTimeout:
+                raise UpstreamTimeout("The PACS did not answer the C-ECHO in time")
+            except AssociationAborted:
+                if association.reused:
+                    continue  # a kept association the PACS had closed: a new one
+                raise UpstreamUnavailable("The PACS aborted the association")
+            self._done(association)
+            return status
 
     async def _store(self, instances, user_identity=None):
         """
@@ -612,7 +644,15 @@ class DicomScuBackend:
         wanted = {}
         for instance in instances:
             wanted.setdefault((instance.sop_class_uid, instance.transfer_syntax), None)
-        association = await self._associate([(sop_class, [ts]) for sop_class, ts in wanted], user_identity)
+        syntaxes = [(sop_class, [ts]) for sop_class, ts in wanted]
+        while True:
+            association = await self._associate(syntaxes, user_identity)
+            try:
+                return await self._store_on(association, instances)
+            except _StaleAssociation:
+                continue  # a kept association the PACS had closed: a new one
+
+    async def _store_on(self, association, instances):
         results = []
         try:
             for instance in instances:
@@ -631,16 +671,25 @@ class DicomScuBackend:
         except DimseTimeout:
             raise UpstreamTimeout("The PACS did not answer a C-STORE in time")
         except AssociationAborted:
+            if association.reused and not results:
+                raise _StaleAssociation()
             raise UpstreamUnavailable("The PACS aborted the association")
-        await _release(association)
+        self._done(association)
         return results
 
     def close(self):
-        ds = [self.retriever.stop()]
+        ds = [self.retriever.stop(), self._pool.close()]
         for storage in (self._storage, self._spool):
             if storage is not None:
                 ds.append(defer.maybeDeferred(storage.stopService))
         return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
+
+
+class _StaleAssociation(Exception):
+    """
+    A kept association failed before its first answer (the PACS had
+    closed it): the operation is tried once more on a new one.
+    """
 
 
 async def _release(association):

@@ -578,6 +578,25 @@ class ClientAssociation:
             sent.addErrback(lambda f: self._fail(f.value) if not operation._done else None)
         return operation
 
+    @property
+    def reusable(self):
+        """
+        C{True} when the association is up, healthy and has nothing in
+        progress: another operation may use it (see
+        L{harmony.dimse.pool.AssociationPool}).
+        """
+        association = self.association
+        return (
+            self._error is None
+            and association is not None
+            and association.established
+            and not association._closed
+            and association.upper.state == "Sta6"
+            and not self._pending
+            and not self._operations
+            and self._receiving is None
+        )
+
     def release(self):
         """
         Orderly release.

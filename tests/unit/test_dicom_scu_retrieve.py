@@ -24,7 +24,6 @@ from harmony.dimse.scu import DimseStatus, DimseTimeout, read_part10_header
 from harmony.envelope import DicomInstance, DicomRequest, Headers, RequestDetails, RequestEnvelope
 from harmony.errors import BadRequest, UpstreamUnavailable
 from harmony.registry import BuildContext
-from harmony.storage.filesystem import FilesystemStorage
 from harmony.streams import Stream
 
 CT = get_testdata_file("CT_small.dcm", download=False)

@@ -138,6 +138,38 @@ class EchoTests(SynchronousTestCase):
         self.assertEqual(pdu.decode_pdu(pdu.A_ABORT, pdu.encode_pdu(pdu.Abort(2, 6))[6:]), pdu.Abort(2, 6))
 
 
+class ReusableTests(SynchronousTestCase):
+    """
+    ClientAssociation.reusable: up, healthy and idle (what an association
+    pool may keep).
+    """
+
+    setUp = EchoTests.setUp
+    connect = EchoTests.connect
+
+    def test_reusable_only_when_idle_and_healthy(self):
+        d, pump, server_protocol = self.connect()
+        association = self.successResultOf(d)
+        self.assertTrue(association.reusable)
+        status = association.echo()
+        self.assertFalse(association.reusable)  # waiting for the answer
+        pump.flush()
+        self.successResultOf(status)
+        self.assertTrue(association.reusable)
+        released = association.release()
+        self.assertFalse(association.reusable)
+        pump.flush()
+        self.successResultOf(released)
+        self.assertFalse(association.reusable)
+
+    def test_not_reusable_once_the_peer_released_or_aborted(self):
+        d, pump, server_protocol = self.connect()
+        association = self.successResultOf(d)
+        server_protocol.abort(2, 0)
+        pump.flush()
+        self.assertFalse(association.reusable)
+
+
 class DimseTimeoutOnServerTests(SynchronousTestCase):
     def test_unfinished_message_times_out_before_idle(self):
         reactor = MemoryReactorClock()
