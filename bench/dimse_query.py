@@ -91,6 +91,7 @@ service = "dicom_scu"
 aet = "{orthanc_aet}"
 host = "127.0.0.1"
 port = {orthanc_port}
+association_idle_secs = {idle}
 """
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -527,6 +528,7 @@ async def get_part(args, direct, through, study_uid, count, store_root, harmony,
                 continue
             where = "the warm-up run" if rnd == 0 else f"measured run {rnd} of {args.get_rounds}"
             root = os.path.join(store_root, f"get-{path}")
+            cpu0 = cpu_seconds(harmony.pid)
             try:
                 seconds, got, size, status = await client.get_study(study_uid, root)
             except Unavailable as e:
@@ -548,8 +550,9 @@ async def get_part(args, direct, through, study_uid, count, store_root, harmony,
                 continue
             if rnd > 0:
                 runs[path].append({"seconds": seconds, "bytes": size, "count": got})
+                cpu = cpu_seconds(harmony.pid) - cpu0
                 print(f"  get round {rnd}: {client.label:<28} {got} instances, {size / MiB:7.1f} MiB in "
-                      f"{seconds:6.2f} s = {size / MiB / seconds:7.1f} MiB/s", flush=True)
+                      f"{seconds:6.2f} s = {size / MiB / seconds:7.1f} MiB/s; Harmony CPU {cpu:5.2f} s", flush=True)
         if not harmony.alive():
             raise BenchFailure("Harmony exited during the C-GETs", [("harmony", harmony.log)])
     return runs, reason
@@ -658,6 +661,9 @@ def main():
     parser.add_argument("--no-getscu", action="store_true", help="skip the DCMTK getscu reference runs")
     parser.add_argument("--store-dir", default=None, help="where retrieved instances are written (default: the "
                         "work directory in /tmp; e.g. /dev/shm)")
+    parser.add_argument("--association-idle-secs", type=float, default=10.0,
+                        help="the dicom_scu backend's association_idle_secs: associations with Orthanc kept for "
+                             "reuse (default 10; 0: one association per query, Harmony's default)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = parser.parse_args()
     if args.queries < 1 or args.warmup < 0 or args.get_rounds < 1 or args.studies < 1 or args.get_instances < 0:
@@ -666,10 +672,9 @@ def main():
     from twisted.internet import epollreactor
 
     epollreactor.install()
-    from twisted.internet import reactor
-
     import pydicom
     from peers import PEER_ENV, Orthanc
+    from twisted.internet import reactor
 
     workdir = tempfile.mkdtemp(prefix="bench-dimse-query-")
     store_root = tempfile.mkdtemp(prefix="bench-dimse-query-store-", dir=args.store_dir) if args.store_dir else workdir
@@ -722,7 +727,7 @@ def main():
                 f.write(HARMONY_CONFIG.format(
                     storage=os.path.join(store_root, "harmony-storage"), aet=HARMONY_AET, port=port,
                     orthanc_aet=orthanc.aet, orthanc_port=orthanc.dicom_port,
-                    get_option="enable_get = true\n" if with_get else "",
+                    get_option="enable_get = true\n" if with_get else "", idle=args.association_idle_secs,
                 ))
             h = Harmony(workdir, config, port, harmony_cores, env)
             h.wait_port()
@@ -737,7 +742,8 @@ def main():
             get_reason = f"twistd did not start with enable_get = true: {lines[-1] if lines else e}"
             harmony = start_harmony(with_get=False)
         print(f"  harmony     pid {harmony.pid}, DICOM 127.0.0.1:{port} (AE {HARMONY_AET}): dicom_scp (enable_find"
-              f"{', enable_get' if get_reason is None else ''}) -> dicom_scu backend -> Orthanc; log_level info; "
+              f"{', enable_get' if get_reason is None else ''}) -> dicom_scu backend -> Orthanc "
+              f"(association_idle_secs = {args.association_idle_secs:g}); log_level info; "
               f"VmRSS after start-up {fmt_mib(read_status(harmony.pid, 'VmRSS'))}", flush=True)
         print(f"              {' '.join(harmony.argv)}")
 

@@ -722,17 +722,16 @@ def _disposer(storage):
             if dispose.done:
                 return
             dispose.done = True
-            relpath = os.path.relpath(path, storage.root)
+            prefix = storage.root + os.sep
+            relpath = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, storage.root)
             # Directories stay (the next instance may be committed there
             # right now); the retrieve's whole area goes once it settles.
-            d = storage.delete(relpath, prune=False)
-
-            def failed(failure):
-                if not failure.check(FileNotFoundError):
-                    log.warn("Removing a relayed instance failed: {error}", error=failure.getErrorMessage())
-
-            d.addErrback(failed)
-            return d
+            try:
+                storage.discard(relpath)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warn("Removing a relayed instance failed: {error}", error=e.strerror)
 
         dispose.done = False
         return dispose if path else None

@@ -893,6 +893,70 @@ def _check_context_id(context_id):
         raise ValueError(f"presentation context ID {context_id!r} must be odd, 1-255")
 
 
+#: Encoded presentation context items by content (associations propose
+#: the same few lists again and again; pynetdicom's item objects cost
+#: about a millisecond per context).
+_CONTEXT_ITEMS = {}
+_MAX_CACHED_CONTEXT_ITEMS = 8192
+_ITEM_HEAD = struct.Struct(">BxH")
+
+
+def _uid_sub_item(item_type, uid, what):
+    data = _uid_for_wire(uid, what).encode("ascii")
+    return _ITEM_HEAD.pack(item_type, len(data)) + data
+
+
+def _cached_item(key, build):
+    data = _CONTEXT_ITEMS.get(key)
+    if data is None:
+        data = build()
+        if len(_CONTEXT_ITEMS) < _MAX_CACHED_CONTEXT_ITEMS:
+            _CONTEXT_ITEMS[key] = data
+    return _RawItem(data)
+
+
+def _presentation_context_rq(context):
+    """
+    A Presentation Context item (RQ, PS3.8 9.3.2.2): a C{struct} encoding,
+    byte-identical to pynetdicom's C{PresentationContextItemRQ}.
+    """
+
+    def build():
+        _check_context_id(context.id)
+        if not context.transfer_syntaxes:
+            raise ValueError(f"presentation context {context.id} proposes no transfer syntax")
+        body = [bytes((context.id, 0, 0, 0)), _uid_sub_item(0x30, context.abstract_syntax, "abstract_syntax")]
+        body += [_uid_sub_item(0x40, uid, "transfer syntax") for uid in context.transfer_syntaxes]
+        body = b"".join(body)
+        if len(body) > 0xFFFF:
+            raise ValueError(f"presentation context {context.id} longer than 65535 bytes")
+        return _ITEM_HEAD.pack(0x20, len(body)) + body
+
+    return _cached_item(("rq", context.id, context.abstract_syntax, tuple(context.transfer_syntaxes)), build)
+
+
+def _presentation_context_ac(context):
+    """
+    A Presentation Context item (AC, PS3.8 9.3.3.2), byte-identical to
+    pynetdicom's C{PresentationContextItemAC}.
+    """
+
+    def build():
+        _check_context_id(context.id)
+        if context.result not in (0, 1, 2, 3, 4):
+            raise ValueError(f"presentation context {context.id}: result {context.result!r} is not 0-4")
+        if context.transfer_syntax:
+            sub = _uid_sub_item(0x40, context.transfer_syntax, "transfer syntax")
+        elif context.result == 0:
+            raise ValueError(f"presentation context {context.id} accepted without a transfer syntax")
+        else:
+            sub = _EMPTY_TRANSFER_SYNTAX.data
+        body = bytes((context.id, 0, context.result, 0)) + sub
+        return _ITEM_HEAD.pack(0x21, len(body)) + body
+
+    return _cached_item(("ac", context.id, context.result, context.transfer_syntax), build)
+
+
 def _encode_associate_rq(obj):
     validate_ae_title(obj.called_aet, "called AE title")
     validate_ae_title(obj.calling_aet, "calling AE title")
@@ -904,21 +968,7 @@ def _encode_associate_rq(obj):
     pdu.calling_ae_title = obj.calling_aet
     pdu.variable_items.append(_application_context(obj))
     for context in obj.contexts:
-        _check_context_id(context.id)
-        if not context.transfer_syntaxes:
-            raise ValueError(f"presentation context {context.id} proposes no transfer syntax")
-        item = _items.PresentationContextItemRQ()
-        item.presentation_context_id = context.id
-        sub = _items.AbstractSyntaxSubItem()
-        sub.abstract_syntax_name = _uid_for_wire(context.abstract_syntax, "abstract_syntax")
-        item.abstract_transfer_syntax_sub_items.append(sub)
-        for uid in context.transfer_syntaxes:
-            sub = _items.TransferSyntaxSubItem()
-            sub.transfer_syntax_name = _uid_for_wire(uid, "transfer syntax")
-            item.abstract_transfer_syntax_sub_items.append(sub)
-        if item.item_length > 0xFFFF:
-            raise ValueError(f"presentation context {context.id} longer than 65535 bytes")
-        pdu.variable_items.append(item)
+        pdu.variable_items.append(_presentation_context_rq(context))
     identity = None
     if obj.user_identity is not None:
         ui = obj.user_identity
@@ -943,21 +993,7 @@ def _encode_associate_ac(obj):
     pdu.reserved_aec = obj.calling_aet
     pdu.variable_items.append(_application_context(obj))
     for context in obj.contexts:
-        _check_context_id(context.id)
-        if context.result not in (0, 1, 2, 3, 4):
-            raise ValueError(f"presentation context {context.id}: result {context.result!r} is not 0-4")
-        item = _items.PresentationContextItemAC()
-        item.presentation_context_id = context.id
-        item.result_reason = context.result
-        if context.transfer_syntax:
-            sub = _items.TransferSyntaxSubItem()
-            sub.transfer_syntax_name = _uid_for_wire(context.transfer_syntax, "transfer syntax")
-            item.transfer_syntax_sub_item = [sub]
-        elif context.result == 0:
-            raise ValueError(f"presentation context {context.id} accepted without a transfer syntax")
-        else:
-            item.transfer_syntax_sub_item = [_EMPTY_TRANSFER_SYNTAX]
-        pdu.variable_items.append(item)
+        pdu.variable_items.append(_presentation_context_ac(context))
     identity = None
     if obj.user_identity_response is not None:
         response = bytes(obj.user_identity_response)

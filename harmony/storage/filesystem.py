@@ -452,6 +452,17 @@ class FilesystemStorage(Service):
                 raise
             directory = os.path.dirname(directory)
 
+    def discard(self, relpath):
+        """
+        Remove a stored object now, on the calling thread, without pruning
+        directories: one unlink, a metadata operation like the rename of a
+        commit (for copies removed one by one as they are relayed, where a
+        thread-pool round trip would cost more than the unlink).
+
+        @raise FileNotFoundError: there is no such object.
+        """
+        os.unlink(self._path(relpath))
+
     def delete_tree(self, relpath):
         path = self._path(relpath)
         return self._in_thread(self._delete_tree, path)

@@ -135,6 +135,14 @@ class IStorage(Interface):
             is no such object.
         """
 
+    def discard(relpath):
+        """
+        Remove a stored object at once, on the calling thread, leaving its
+        directories (a single unlink).
+
+        @raise FileNotFoundError: there is no such object.
+        """
+
     def delete_tree(relpath):
         """
         Remove a directory and everything under it (nothing to do when it

@@ -14,6 +14,7 @@ own, is the destination of a third-party move.
 
 import json
 import os
+import re
 import urllib.request
 import uuid
 
@@ -136,9 +137,9 @@ def listener(orthanc, tmp_path_factory):
     router = MoveRouter()
     port = free_port()
     own_root = tmp_path_factory.mktemp("listener") / "own"
-    service = MoveStoreListener(
-        reactor, HARMONY_AET, port, bind_addr="127.0.0.1", router=router, storage=_storage(own_root)
-    )
+    own = FilesystemStorage(str(own_root), reactor=reactor)
+    own.startService()
+    service = MoveStoreListener(reactor, HARMONY_AET, port, bind_addr="127.0.0.1", router=router, storage=own)
     service.own_root = own_root
     service.startService()
     assert service.port is not None and service.port.getHost().host == "127.0.0.1"
@@ -146,6 +147,7 @@ def listener(orthanc, tmp_path_factory):
     yield service
     unregister_modality(orthanc, f"harmony-move-{_TAG}")
     pytest_twisted.blockon(service.stopService())
+    own.stopService()
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +180,25 @@ def _query(level, **keys):
     return ds
 
 
+#: Storages started by the tests, stopped at the end of each test (their
+#: thread pools would keep the interpreter alive).
+_STARTED = []
+
+
 def _storage(root):
     from twisted.internet import reactor
 
     storage = FilesystemStorage(str(root), reactor=reactor)
     storage.startService()
+    _STARTED.append(storage)
     return storage
+
+
+@pytest.fixture(autouse=True)
+def _stop_storages():
+    yield
+    while _STARTED:
+        _STARTED.pop().stopService()
 
 
 def _associate(orthanc):
@@ -268,6 +283,23 @@ def _files(root):
     return sorted(found)
 
 
+@defer.inlineCallbacks
+def _tmp_area_emptied(root, timeout=1.0):
+    """
+    The storage's temporary area is empty, at once or within C{timeout}: a
+    spare writer prepared in the thread pool for a next sub-operation may
+    still exist for a moment after its association ended (it is aborted
+    when it is ready); one that stays is a leak.
+    """
+    from twisted.internet import reactor, task
+
+    tmp = root / ".tmp"
+    deadline = reactor.seconds() + timeout
+    while os.path.isdir(tmp) and os.listdir(tmp) and reactor.seconds() < deadline:
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    assert not os.path.isdir(tmp) or os.listdir(tmp) == [], f"temporary files left: {os.listdir(tmp)}"
+
+
 def _check_counts(status, n):
     assert status.ok, status
     assert status.fields.get("NumberOfCompletedSuboperations") == n, status.fields
@@ -302,7 +334,7 @@ def test_move_to_harmony(orthanc, stored, listener, tmp_path, model, level):
     assert [f for f in _files(root) if not f.startswith(".tmp")] == sorted(
         os.path.relpath(i.path, root) for i in instances
     )
-    assert not os.path.isdir(root / ".tmp") or os.listdir(root / ".tmp") == []
+    yield _tmp_area_emptied(root)
 
 
 @pytest_twisted.inlineCallbacks
@@ -324,6 +356,8 @@ def test_concurrent_moves_are_routed_by_message_id(orthanc, stored, listener, tm
     _check_counts(status_b, 2)
     _check(instances_a, stored, stored["by_study"][study_a], root_a)
     _check(instances_b, stored, stored["by_study"][study_b], root_b)
+    yield _tmp_area_emptied(root_a)
+    yield _tmp_area_emptied(root_b)
     assert len(_files(root_a)) == 3 and len(_files(root_b)) == 2
     assert listener.router.in_flight() == 0
 
@@ -348,7 +382,12 @@ def test_unknown_destination(orthanc, stored, listener, tmp_path):
     incoming.finish()
     first = yield incoming.instances.read()
     assert status.failed, status
-    assert status.status == 0xA801, f"expected A801 (move destination unknown), got {status.status:04X}"
+    # PS3.4 C.4.2.1.5 has A801 (Refused: Move Destination unknown) for
+    # this; Debian 12's Orthanc 1.10 answers C000 (unable to process) after
+    # failing to look the AE up, which is a failure all the same.
+    assert status.status == 0xA801 or (
+        status.status == 0xC000 and f"Unknown modality for AET: {UNKNOWN_AET}" in orthanc.process.output()
+    ), f"expected A801 (move destination unknown), got {status.status:04X}"
     assert not status.fields.get("NumberOfCompletedSuboperations")
     assert first is EOF
     assert incoming.received == 0 and incoming.refused == 0
@@ -393,9 +432,14 @@ def _storescu_to_listener(listener, stored, calling="STRANGER"):
 
 
 def _refused(result):
+    """
+    storescu got a C-STORE-RSP with status 0124 (Refused: Not authorized;
+    DCMTK 3.6.7 prints it as an unknown status) and said so.
+    """
     out = result.stdout + result.stderr
+    assert result.returncode != 0, out
     assert "Received Store Response (Success)" not in out, out
-    assert "0x0124" in out or "NotAuthorized" in out.replace(" ", ""), out
+    assert re.search(r"Received Store Response \((Unknown Status: 0x124|.*Not ?Authorized.*)\)", out), out
     return out
 
 

@@ -995,3 +995,65 @@ class EncodeValidationTests(SynchronousTestCase):
             (A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT),
             (1, 2, 3, 4, 5, 6, 7),
         )
+
+
+class PresentationContextItemEncodingTests(SynchronousTestCase):
+    """
+    The struct-encoded presentation context items are byte-identical to
+    pynetdicom's item objects, for every storage SOP class and the
+    transfer syntaxes Harmony offers (odd and even UID lengths).
+    """
+
+    SYNTAXES = [
+        "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
+    ]
+
+    def test_rq_items(self):
+        from pynetdicom.presentation import StoragePresentationContexts
+
+        for i, context in enumerate(StoragePresentationContexts):
+            for count in (1, 3, len(self.SYNTAXES)):
+                ours = pdu._presentation_context_rq(
+                    pdu.PresentationContextRQ(2 * (i % 128) + 1, context.abstract_syntax, self.SYNTAXES[:count])
+                ).encode()
+                item = pyn_items.PresentationContextItemRQ()
+                item.presentation_context_id = 2 * (i % 128) + 1
+                sub = pyn_items.AbstractSyntaxSubItem()
+                sub.abstract_syntax_name = context.abstract_syntax
+                item.abstract_transfer_syntax_sub_items.append(sub)
+                for uid in self.SYNTAXES[:count]:
+                    sub = pyn_items.TransferSyntaxSubItem()
+                    sub.transfer_syntax_name = uid
+                    item.abstract_transfer_syntax_sub_items.append(sub)
+                self.assertEqual(ours, item.encode(), context.abstract_syntax)
+
+    def test_ac_items(self):
+        for result in (0, 1, 2, 3, 4):
+            for uid in self.SYNTAXES + [None]:
+                if result == 0 and uid is None:
+                    continue
+                context = pdu.PresentationContextAC(5, result, uid)
+                ours = pdu._presentation_context_ac(context).encode()
+                item = pyn_items.PresentationContextItemAC()
+                item.presentation_context_id = 5
+                item.result_reason = result
+                if uid:
+                    sub = pyn_items.TransferSyntaxSubItem()
+                    sub.transfer_syntax_name = uid
+                    item.transfer_syntax_sub_item = [sub]
+                    self.assertEqual(ours, item.encode())
+                else:
+                    self.assertEqual(ours, bytes((0x21, 0, 0, 8, 5, 0, result, 0)) + b"\x40\x00\x00\x00")
+
+    def test_invalid_contexts_still_refused(self):
+        with self.assertRaises(ValueError):
+            pdu._presentation_context_rq(pdu.PresentationContextRQ(2, "1.2.3", ["1.2.840.10008.1.2"]))
+        with self.assertRaises(ValueError):
+            pdu._presentation_context_rq(pdu.PresentationContextRQ(3, "1.2.3", []))
+        with self.assertRaises(ValueError):
+            pdu._presentation_context_rq(pdu.PresentationContextRQ(3, "1." * 40, ["1.2.840.10008.1.2"]))
+        with self.assertRaises(ValueError):
+            pdu._presentation_context_ac(pdu.PresentationContextAC(3, 0, None))
+        with self.assertRaises(ValueError):
+            pdu._presentation_context_ac(pdu.PresentationContextAC(3, 7, "1.2.840.10008.1.2"))

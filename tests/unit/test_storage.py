@@ -721,3 +721,16 @@ def test_temp_area(storage):
 def test_temp_area_bad_names(storage, name):
     with pytest.raises(ValueError):
         storage.temp_area(name)
+
+
+def test_discard(storage, pool):
+    _fill(storage, ["a/b/c"])
+    before = pool.submitted
+    storage.discard("a/b/c")
+    assert pool.submitted == before  # on the calling thread
+    assert not storage.exists("a/b/c")
+    assert os.path.isdir(os.path.join(storage.root, "a", "b"))
+    with pytest.raises(FileNotFoundError):
+        storage.discard("a/b/c")
+    with pytest.raises(ValueError):
+        storage.discard("../x")
