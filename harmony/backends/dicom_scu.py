@@ -472,16 +472,21 @@ class DicomScuBackend:
         storage = self.retrieve_storage()
         result = await self.retriever.retrieve(request, storage, mode=operation)
         instances = []
-        async for instance in result.instances:
-            instances.append(
-                {
-                    "sop_class_uid": instance.sop_class_uid,
-                    "sop_instance_uid": instance.sop_instance_uid,
-                    "transfer_syntax": instance.transfer_syntax,
-                    "path": instance.path,
-                    "size": instance.size,
-                }
-            )
+        try:
+            async for instance in result.instances:
+                instances.append(
+                    {
+                        "sop_class_uid": instance.sop_class_uid,
+                        "sop_instance_uid": instance.sop_instance_uid,
+                        "transfer_syntax": instance.transfer_syntax,
+                        "path": instance.path,
+                        "size": instance.size,
+                    }
+                )
+        except Exception:
+            # The retrieve failed part way (an abort, a timeout): what was
+            # stored is listed, the status below says it failed.
+            pass
         status, comment = await result.done
         failed = dimse_status.is_failure(status)
         counts = {

@@ -380,8 +380,9 @@ class Association(Protocol):
 
         @return: Deferred[None] firing when the association has ended.
         """
-        if not self._closed:
+        if not self._closed and self.upper.state == "Sta6":
             self._event("Evt11", pdu.ReleaseRQ())
+        # Otherwise it is being released, aborted or gone already.
         return self.ended
 
     def abort(self, source=SERVICE_USER, reason=0):

@@ -10,10 +10,11 @@ One gateway for the module, one pipeline per backend flavour:
   - C{/persist}: C{persistent_store_scp = true}, AE known to Orthanc;
   - C{/unreg}: C{dimse_retrieve_mode = "move"} with an AE Orthanc does not
     know (a C-MOVE to it cannot work: an explicit /get must be a C-GET);
-  - C{/down}: nothing listens on the PACS port (C{connect_timeout_secs = 2});
-  - C{/abort}: the aborting fake PACS.
+  - C{/down}: nothing listens on the PACS port (C{connect_timeout_secs = 2}).
 
-Each backend keeps its retrieved instances in a C{storage_dir} of its own.
+A second gateway (C{/abort}) fronts the aborting fake PACS; its test reads
+its log.  Each backend keeps its retrieved instances in a C{storage_dir} of
+its own.
 """
 
 import json

@@ -434,7 +434,7 @@ def _storescu_to_listener(listener, stored, calling="STRANGER"):
 def _refused(result):
     """
     storescu got a C-STORE-RSP with status 0124 (Refused: Not authorized;
-    DCMTK 3.6.7 prints it as an unknown status) and said so.
+    DCMTK 3.6.7 prints it as an unknown status) and exited non-zero.
     """
     out = result.stdout + result.stderr
     assert result.returncode != 0, out

@@ -169,6 +169,23 @@ class ReusableTests(SynchronousTestCase):
         pump.flush()
         self.assertFalse(association.reusable)
 
+    def test_release_after_the_peer_aborted_is_quiet(self):
+        d, pump, server_protocol = self.connect()
+        association = self.successResultOf(d)
+        client_protocol = association.association
+        # The A-ABORT arrives; the connection is not closed yet.
+        client_protocol.dataReceived(bytes((7, 0, 0, 0, 0, 4, 0, 0, 2, 0)))
+        self.assertEqual(client_protocol.upper.state, "Sta1")
+        from harmony.dimse import association as association_module
+
+        warnings = []
+        self.patch(association_module.log, "warn", lambda *a, **k: warnings.append((a, k)))
+        released = association.release()
+        self.assertEqual(client_protocol.upper.state, "Sta1")
+        self.assertEqual(warnings, [])  # not an invalid event
+        pump.flush()
+        self.successResultOf(released)
+
 
 class DimseTimeoutOnServerTests(SynchronousTestCase):
     def test_unfinished_message_times_out_before_idle(self):
