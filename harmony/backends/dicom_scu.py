@@ -126,7 +126,6 @@ def find_identifier(body, return_keys=True):
     @return: C{(dataset, level)}
     @raise BadRequest: for anything else.
     """
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
     from pydicom.dataset import Dataset
 
     if not isinstance(body, dict):
@@ -147,17 +146,7 @@ def find_identifier(body, return_keys=True):
         query = dict(query)
         if body.get("patient_id") is not None:
             query.setdefault("PatientID", body["patient_id"])
-        ds = Dataset()
-        for key, value in query.items():
-            tag = tag_for_keyword(key) if not _is_tag(key) else int(key.replace(",", ""), 16)
-            if tag is None:
-                raise BadRequest(f"Unknown DICOM keyword {key!r} in the query")
-            if value is not None and not isinstance(value, (str, int, float)):
-                raise BadRequest(f"Query value for {key!r} must be a string or number")
-            try:
-                ds.add_new(tag, dictionary_VR(tag), "" if value is None else str(value))
-            except Exception:
-                raise BadRequest(f"Invalid query key {key!r}")
+        ds = _keyword_dataset(query)
         named = False
     if level is None:
         level = ds.get("QueryRetrieveLevel")
@@ -170,6 +159,58 @@ def find_identifier(body, return_keys=True):
             if keyword not in ds:
                 setattr(ds, keyword, "")
     return ds, level
+
+
+def _keyword_dataset(query, where=""):
+    """
+    A dataset from C{{keyword or tag: value}}: a string or number (C{""}
+    or C{None}: a return key; C{"CT\\MR"} or C{["CT", "MR"]}: several
+    values, e.g. a UID list or ModalitiesInStudy), or for a sequence an
+    object (one item) or a list of objects, matched as PS3.4 C.2.2.2.6
+    says.
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = Dataset()
+    for key, value in query.items():
+        name = f"{where}{key}"
+        if not isinstance(key, str):
+            raise BadRequest("Query keys must be DICOM keywords or tags")
+        tag = int(key.replace(",", ""), 16) if _is_tag(key) else tag_for_keyword(key)
+        if tag is None:
+            raise BadRequest(f"Unknown DICOM keyword {name!r} in the query")
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            raise BadRequest(f"Unknown DICOM tag {name!r} in the query")
+        if vr == "SQ":
+            if value is None or value == "" or value == []:
+                items = []
+            elif isinstance(value, dict):
+                items = [_keyword_dataset(value, f"{name}.")]
+            elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                items = [_keyword_dataset(v, f"{name}.") for v in value]
+            else:
+                raise BadRequest(f"Query value for sequence {name!r} must be an object or a list of objects")
+            ds.add_new(tag, vr, Sequence(items))
+            continue
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                raise BadRequest(f"Query values for {name!r} must be strings or numbers")
+            text = "\\".join(str(v) for v in value)
+        elif value is None:
+            text = ""
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            text = str(value)
+        else:
+            raise BadRequest(f"Query value for {name!r} must be a string, a number or a list of them")
+        try:
+            ds.add_new(tag, vr, text)
+        except Exception:
+            raise BadRequest(f"Invalid query value for {name!r}")
+    return ds
 
 
 def _is_tag(key):
