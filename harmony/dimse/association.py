@@ -167,7 +167,14 @@ class Association(Protocol):
                 return
             if pdu_type == pdu.P_DATA_TF:
                 # Kept raw: the PDVs are walked without copies (iter_pdvs).
-                self._event("Evt10", body)
+                if self.upper.state == "Sta6":
+                    # Data transfer (Evt10 in Sta6 is DT-2: a P-DATA
+                    # indication, same state): the machine is skipped on
+                    # the hot path, with the same outcome.
+                    self.upper.last_action = "DT-2"
+                    self._p_data(body)
+                else:
+                    self._event("Evt10", body)
                 continue
             try:
                 obj = pdu.decode_pdu(pdu_type, body)
@@ -359,6 +366,17 @@ class Association(Protocol):
 
     # -- user requests ------------------------------------------------------
 
+    def _send_p_data(self, data):
+        """
+        Send one P-DATA-TF PDU (Evt9); in Sta6 (DT-1: send, same state)
+        straight to the transport.
+        """
+        if self.upper.state == "Sta6" and not self._closed:
+            self.upper.last_action = "DT-1"
+            self.transport.write(data)
+        else:
+            self._event("Evt9", data)
+
     def send_message(self, context_id, command, dataset=None):
         """
         Send one DIMSE message; a large data set (an iterable of chunks) is
@@ -370,7 +388,7 @@ class Association(Protocol):
         pdus = messages.fragment(context_id, command, dataset, self.peer_max_pdu)
         if dataset is None or isinstance(dataset, (bytes, bytearray, memoryview)):
             for data in pdus:
-                self._event("Evt9", data)
+                self._send_p_data(data)
             return defer.succeed(None)
         return _PDUSender(self, pdus).start()
 
@@ -430,7 +448,7 @@ class _PDUSender:
                     association.transport.unregisterProducer()
                     self._done.callback(None)
                     return
-                association._event("Evt9", data)
+                association._send_p_data(data)
         except Exception as e:
             if association.transport is not None:
                 association.transport.unregisterProducer()
