@@ -157,6 +157,30 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
+    def add_modality(self, name, aet, port, host="127.0.0.1"):
+        """
+        Register a DICOM modality at runtime (C{PUT /modalities/<name>}):
+        Orthanc can then C-MOVE to C{aet}.
+        """
+        body = json.dumps({"AET": aet, "Host": host, "Port": port}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/modalities/{name}", data=body, method="PUT", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200, r.status
+        assert aet in json.dumps(self.get_json(f"/modalities/{name}/configuration"))
+
+    def remove_modality(self, name):
+        """
+        Forget a modality registered with L{add_modality} (quietly).
+        """
+        req = urllib.request.Request(f"{self.url}/modalities/{name}", method="DELETE")
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                pass
+        except OSError:
+            pass
+
     def stop(self):
         if self.process is not None:
             self.process.stop()
@@ -255,3 +279,27 @@ def dcmtk(tool, *args, timeout=120, cwd=None):
         text=True,
         timeout=timeout,
     )
+
+
+def dicom_instance(directory, source, patient_id, study, series, name, patient_name="HARMONY^TEST"):
+    """
+    A copy of one of pydicom's test files as a new instance of the given
+    patient, study and series (fresh SOP Instance UID), saved as
+    C{<directory>/<name>.dcm}.
+
+    @return: C{(SOP Instance UID, path)}
+    """
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file(source, download=False))
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = Path(directory) / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return ds.SOPInstanceUID, path

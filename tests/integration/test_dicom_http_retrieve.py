@@ -22,14 +22,12 @@ import os
 import signal
 import sys
 import time
-import urllib.request
 import uuid
 from types import SimpleNamespace
 
 import pydicom
 import pytest
-from peers import dcmtk, listening_addresses, require
-from pydicom.data import get_testdata_file
+from peers import dcmtk, dicom_instance, listening_addresses, require
 from pydicom.uid import generate_uid
 
 from harmonytest import HERE, Process, accepts, free_port, request, start_harmony, write_config
@@ -82,39 +80,10 @@ timeout_secs = 10
 # -- Orthanc's modalities -------------------------------------------------------------
 
 
-def register_modality(orthanc, name, aet, port):
-    body = json.dumps({"AET": aet, "Host": "127.0.0.1", "Port": port}).encode()
-    req = urllib.request.Request(
-        f"{orthanc.url}/modalities/{name}", data=body, method="PUT", headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        assert r.status == 200, r.status
-    assert aet in json.dumps(orthanc.get_json(f"/modalities/{name}/configuration"))
-
-
-def unregister_modality(orthanc, name):
-    req = urllib.request.Request(f"{orthanc.url}/modalities/{name}", method="DELETE")
-    try:
-        with urllib.request.urlopen(req, timeout=10):
-            pass
-    except OSError:
-        pass
 
 
 # -- data and peers -----------------------------------------------------------------------
 
-
-def _instance(directory, source, patient_id, study, series, name):
-    ds = pydicom.dcmread(get_testdata_file(source, download=False))
-    ds.PatientID = patient_id
-    ds.PatientName = "RETRIEVE^HTTP"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    path = directory / f"{name}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds.SOPInstanceUID, path
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +96,7 @@ def stored(orthanc, tmp_path_factory):
     study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
     originals = {}
     for i, (source, series) in enumerate([("CT_small.dcm", s1), ("CT_small.dcm", s1), ("MR_small.dcm", s2)]):
-        sop, path = _instance(directory, source, patient, study, series, f"i{i}")
+        sop, path = dicom_instance(directory, source, patient, study, series, f"i{i}", patient_name='RETRIEVE^HTTP')
         originals[sop] = path
     result = dcmtk("storescu", "-aec", orthanc.aet, "127.0.0.1", orthanc.dicom_port, *originals.values())
     assert result.returncode == 0, result.stdout + result.stderr
@@ -143,9 +112,9 @@ def storescp(orthanc, tmp_path_factory):
     proc = Process([require("storescp"), "-aet", STORESCP_AET, "-od", out, port], directory, "storescp",
                    env={"TCP_NODELAY": "1"})
     proc.wait_for_port(port)
-    register_modality(orthanc, f"retrieve-storescp-{_TAG}", STORESCP_AET, port)
+    orthanc.add_modality(f"retrieve-storescp-{_TAG}", STORESCP_AET, port)
     yield SimpleNamespace(port=port, out=out, process=proc)
-    unregister_modality(orthanc, f"retrieve-storescp-{_TAG}")
+    orthanc.remove_modality(f"retrieve-storescp-{_TAG}")
     proc.stop()
 
 
@@ -157,8 +126,8 @@ def fake_pacs(tmp_path_factory):
     """
     directory = tmp_path_factory.mktemp("abort-pacs")
     study, series = generate_uid(), generate_uid()
-    complete_uid, complete = _instance(directory, "CT_small.dcm", "ABORTED", study, series, "complete")
-    partial_uid, partial = _instance(directory, "CT_small.dcm", "ABORTED", study, series, "partial")
+    complete_uid, complete = dicom_instance(directory, "CT_small.dcm", "ABORTED", study, series, "complete", patient_name='RETRIEVE^HTTP')
+    partial_uid, partial = dicom_instance(directory, "CT_small.dcm", "ABORTED", study, series, "partial", patient_name='RETRIEVE^HTTP')
     port = free_port()
     proc = Process([sys.executable, HERE / "fake_abort_pacs.py", port, FAKE_AET, complete, partial],
                    directory, "fake-pacs")
@@ -194,8 +163,8 @@ def gateway(orthanc, tmp_path_factory):
         for name, (aet, port, local_aet, persistent, mode) in flavours.items()
     )
     config = write_config(directory, BASE.format(http_port=http_port), {"retrieve": pipelines})
-    register_modality(orthanc, f"retrieve-move-{_TAG}", MOVE_AET, ports["dicom"])
-    register_modality(orthanc, f"retrieve-persist-{_TAG}", PERSIST_AET, ports["persist"])
+    orthanc.add_modality(f"retrieve-move-{_TAG}", MOVE_AET, ports["dicom"])
+    orthanc.add_modality(f"retrieve-persist-{_TAG}", PERSIST_AET, ports["persist"])
     process = start_harmony(directory, config, http_port)
     gw = SimpleNamespace(port=http_port, process=process, directory=directory, incoming=ports, storages=storages,
                          dead_port=dead_port)
@@ -207,8 +176,8 @@ def gateway(orthanc, tmp_path_factory):
     gw.at_startup = {name: _listening(gw, port) for name, port in ports.items()}
     gw.addresses_at_startup = listening_addresses(process.popen.pid)
     yield gw
-    unregister_modality(orthanc, f"retrieve-move-{_TAG}")
-    unregister_modality(orthanc, f"retrieve-persist-{_TAG}")
+    orthanc.remove_modality(f"retrieve-move-{_TAG}")
+    orthanc.remove_modality(f"retrieve-persist-{_TAG}")
     process.stop_cleanly()
 
 

@@ -10,9 +10,8 @@ import uuid
 import pydicom
 import pytest
 import pytest_twisted
-from peers import dcmtk
+from peers import dcmtk, dicom_instance
 from pydicom import Dataset
-from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from twisted.internet import defer
 
@@ -26,18 +25,6 @@ PROPOSED = [
     (PATIENT_ROOT_FIND, [ImplicitVRLittleEndian]),
 ]
 
-
-def _instance(directory, source, patient_id, patient_name, study, series, name):
-    ds = pydicom.dcmread(get_testdata_file(source, download=False))
-    ds.PatientID = patient_id
-    ds.PatientName = patient_name
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    path = directory / f"{name}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds.SOPInstanceUID, path
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def stored(orthanc, tmp_path_factory):
     instances = {}
     paths = []
     for i, (source, pid, name, study, series) in enumerate(layout):
-        sop, path = _instance(directory, source, pid, name, uids[study], uids[series], f"i{i}")
+        sop, path = dicom_instance(directory, source, pid, uids[study], uids[series], f"i{i}", patient_name=name)
         instances.setdefault(series, set()).add(sop)
         paths.append(path)
     result = dcmtk("storescu", "-aec", orthanc.aet, "127.0.0.1", orthanc.dicom_port, *paths)

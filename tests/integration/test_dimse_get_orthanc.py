@@ -12,9 +12,8 @@ import uuid
 import pydicom
 import pytest
 import pytest_twisted
-from peers import dcmtk
+from peers import dcmtk, dicom_instance
 from pydicom import Dataset
-from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from twisted.internet import defer
 
@@ -31,18 +30,6 @@ STORAGE = [
 ]
 
 
-def _instance(directory, source, patient_id, study, series, name):
-    ds = pydicom.dcmread(get_testdata_file(source, download=False))
-    ds.PatientID = patient_id
-    ds.PatientName = "GET^ALPHA"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    path = directory / f"{name}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds.SOPInstanceUID, path
-
 
 @pytest.fixture(scope="module")
 def stored(orthanc, tmp_path_factory):
@@ -57,7 +44,7 @@ def stored(orthanc, tmp_path_factory):
     originals = {}
     series = {s1: set(), s2: set()}
     for i, (source, series_uid) in enumerate(layout):
-        sop, path = _instance(directory, source, patient, study, series_uid, f"i{i}")
+        sop, path = dicom_instance(directory, source, patient, study, series_uid, f"i{i}", patient_name='GET^ALPHA')
         originals[sop] = path
         series[series_uid].add(sop)
     result = dcmtk("storescu", "-aec", orthanc.aet, "127.0.0.1", orthanc.dicom_port, *originals.values())

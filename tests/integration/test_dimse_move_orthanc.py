@@ -12,18 +12,15 @@ temporary directory.  A DCMTK storescp, registered as a modality of its
 own, is the destination of a third-party move.
 """
 
-import json
 import os
 import re
-import urllib.request
 import uuid
 
 import pydicom
 import pytest
 import pytest_twisted
-from peers import dcmtk, require
+from peers import dcmtk, dicom_instance, require
 from pydicom import Dataset
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from twisted.internet import defer
 
@@ -48,39 +45,10 @@ UNKNOWN_AET = f"HMX{_TAG}"
 # -- Orthanc's modalities -------------------------------------------------------
 
 
-def register_modality(orthanc, name, aet, port):
-    body = json.dumps({"AET": aet, "Host": "127.0.0.1", "Port": port}).encode()
-    req = urllib.request.Request(
-        f"{orthanc.url}/modalities/{name}", data=body, method="PUT", headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        assert r.status == 200, r.status
-    assert aet in json.dumps(orthanc.get_json(f"/modalities/{name}/configuration"))
-
-
-def unregister_modality(orthanc, name):
-    req = urllib.request.Request(f"{orthanc.url}/modalities/{name}", method="DELETE")
-    try:
-        with urllib.request.urlopen(req, timeout=10):
-            pass
-    except OSError:
-        pass
 
 
 # -- data -------------------------------------------------------------------------
 
-
-def _instance(directory, source, patient_id, study, series, name):
-    ds = pydicom.dcmread(get_testdata_file(source, download=False))
-    ds.PatientID = patient_id
-    ds.PatientName = "MOVE^ALPHA"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    path = directory / f"{name}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds.SOPInstanceUID, path
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +72,7 @@ def stored(orthanc, tmp_path_factory):
     by_study = {study: set(), study_b: set()}
     by_series = {s: set() for s in (s1, s2, b1, b2)}
     for i, (source, study_uid, series_uid) in enumerate(layout):
-        sop, path = _instance(directory, source, patient, study_uid, series_uid, f"i{i}")
+        sop, path = dicom_instance(directory, source, patient, study_uid, series_uid, f"i{i}", patient_name='MOVE^ALPHA')
         originals[sop] = path
         by_study[study_uid].add(sop)
         by_series[series_uid].add(sop)
@@ -143,9 +111,9 @@ def listener(orthanc, tmp_path_factory):
     service.own_root = own_root
     service.startService()
     assert service.port is not None and service.port.getHost().host == "127.0.0.1"
-    register_modality(orthanc, f"harmony-move-{_TAG}", HARMONY_AET, port)
+    orthanc.add_modality(f"harmony-move-{_TAG}", HARMONY_AET, port)
     yield service
-    unregister_modality(orthanc, f"harmony-move-{_TAG}")
+    orthanc.remove_modality(f"harmony-move-{_TAG}")
     pytest_twisted.blockon(service.stopService())
     own.stopService()
 
@@ -163,9 +131,9 @@ def storescp(orthanc, tmp_path_factory):
     env = {"TCP_NODELAY": "1"}
     proc = Process([require("storescp"), "-aet", STORESCP_AET, "-od", out, port], directory, "storescp", env=env)
     proc.wait_for_port(port)
-    register_modality(orthanc, f"storescp-{_TAG}", STORESCP_AET, port)
+    orthanc.add_modality(f"storescp-{_TAG}", STORESCP_AET, port)
     yield {"port": port, "out": out, "process": proc}
-    unregister_modality(orthanc, f"storescp-{_TAG}")
+    orthanc.remove_modality(f"storescp-{_TAG}")
     proc.stop()
 
 

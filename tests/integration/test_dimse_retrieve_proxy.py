@@ -23,12 +23,10 @@ Harmony is compared with what the PACS gives directly (getscu) and with
 the originals, data set element by element (file meta aside: it differs).
 """
 
-import json
 import os
 import re
 import shutil
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -103,23 +101,6 @@ incoming_bind_addr = "127.0.0.1"
 # -- Orthanc's modalities ---------------------------------------------------------
 
 
-def _register_modality(orthanc, name, aet, port):
-    body = json.dumps({"AET": aet, "Host": "127.0.0.1", "Port": port}).encode()
-    req = urllib.request.Request(
-        f"{orthanc.url}/modalities/{name}", data=body, method="PUT", headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        assert r.status == 200, r.status
-    assert aet in json.dumps(orthanc.get_json(f"/modalities/{name}/configuration"))
-
-
-def _unregister_modality(orthanc, name):
-    req = urllib.request.Request(f"{orthanc.url}/modalities/{name}", method="DELETE")
-    try:
-        with urllib.request.urlopen(req, timeout=10):
-            pass
-    except OSError:
-        pass
 
 
 # -- data ---------------------------------------------------------------------------
@@ -239,7 +220,7 @@ def gateway(orthanc, dcmqrscp, pacs, storescp, tmp_path_factory):
             incoming_port=incoming_port,
         )
     modality = f"harmony-retrieve-proxy-{_TAG}"
-    _register_modality(orthanc, modality, ORTHANC_MOVE_AET, paths["orthanc_move"]["incoming_port"])
+    orthanc.add_modality(modality, ORTHANC_MOVE_AET, paths["orthanc_move"]["incoming_port"])
     config = write_config(directory, BASE, pipelines)
     process = Process(twistd_argv(config), directory, "harmony")
     try:
@@ -253,7 +234,7 @@ def gateway(orthanc, dcmqrscp, pacs, storescp, tmp_path_factory):
             "peers": {"orthanc": orthanc.process, "dcmqr": dcmqrscp.process},
         }
     finally:
-        _unregister_modality(orthanc, modality)
+        orthanc.remove_modality(modality)
         process.stop_cleanly()
 
 
