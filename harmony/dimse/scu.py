@@ -1314,6 +1314,22 @@ def _file_chunks(path, offset, chunk_size):
             yield chunk
 
 
+def _model_syntaxes(known, service, models, transfer_syntaxes):
+    """
+    A C{(SOP class, [transfer syntax, ...])} per information model named
+    (C{"study"}, C{"patient"} or a SOP class UID).
+
+    @raise ValueError: an unknown model name.
+    """
+    syntaxes = []
+    for model in models:
+        sop_class = known.get(model, model)
+        if "." not in sop_class:
+            raise ValueError(f"unknown {service} model {model!r}")
+        syntaxes.append((sop_class, list(transfer_syntaxes)))
+    return syntaxes
+
+
 class DicomClient:
     """
     Opens associations to DICOM peers.
@@ -1393,12 +1409,7 @@ class DicomClient:
             syntax, ...])} to propose (e.g. Verification).
         @return: Deferred[L{ClientAssociation}]
         """
-        syntaxes = []
-        for model in models:
-            sop_class = GET_MODELS.get(model, model)
-            if "." not in sop_class:
-                raise ValueError(f"unknown C-GET model {model!r}")
-            syntaxes.append((sop_class, list(query_syntaxes)))
+        syntaxes = _model_syntaxes(GET_MODELS, "C-GET", models, query_syntaxes)
         syntaxes += [(sop_class, list(ts)) for sop_class, ts in storage_syntaxes]
         syntaxes += [(a, list(ts)) for a, ts in extra_syntaxes]
         roles = [pdu.RoleSelection(sop_class, False, True) for sop_class, _ in storage_syntaxes]
@@ -1416,12 +1427,7 @@ class DicomClient:
             syntax, ...])} to propose (e.g. Verification).
         @return: Deferred[L{ClientAssociation}]
         """
-        syntaxes = []
-        for model in models:
-            sop_class = MOVE_MODELS.get(model, model)
-            if "." not in sop_class:
-                raise ValueError(f"unknown C-MOVE model {model!r}")
-            syntaxes.append((sop_class, list(query_syntaxes)))
+        syntaxes = _model_syntaxes(MOVE_MODELS, "C-MOVE", models, query_syntaxes)
         syntaxes += [(a, list(ts)) for a, ts in extra_syntaxes]
         return self.associate(host, port, called_aet, syntaxes, calling_aet=calling_aet, user_identity=user_identity)
 
