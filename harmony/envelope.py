@@ -13,8 +13,9 @@ import json
 
 import attr
 
-from harmony.errors import BadRequest
-from harmony.streams import Stream, collect
+from harmony.http import bodies
+from harmony.http.bodies import media_type  # noqa: F401 (part of this module's API)
+from harmony.streams import Stream
 
 
 class Headers:
@@ -160,15 +161,6 @@ def as_headers(value):
 
 
 JSON_TYPES = ("application/json", "application/fhir+json", "application/dicom+json")
-
-
-def media_type(content_type):
-    """
-    The lower-case media type of a Content-Type value, without parameters.
-    """
-    if not content_type:
-        return ""
-    return content_type.split(";", 1)[0].strip().lower()
 
 
 @attr.s(slots=True)
@@ -317,18 +309,31 @@ class _Normalized:
     def parsed(self):
         return self._normalized is not _UNPARSED
 
-    def parse_body(self, max_body_size=None):
+    def parse_body(self, max_body_size=None, limits=None):
         """
-        Compute the normalized view from the body, once.  JSON bodies
-        (C{application/json}, C{+json}, or no Content-Type) parse to JSON
-        values; other media types have no parsed view (C{None}) and keep
-        their bytes untouched.  The body is read into memory (bounded by
-        C{max_body_size}: L{harmony.errors.PayloadTooLarge}) and stays
-        available as bytes.
+        Compute the normalized view from the body, once, by Content-Type
+        (JSON, XML, CSV, form, multipart, binary: see
+        L{harmony.http.bodies}); other media types have no parsed view
+        (C{None}) and their body is not read.
 
-        @return: Deferred firing with the normalized view.
+        The raw bytes stay untouched for passthrough: a body in memory is
+        kept as is; a streamed body is read once through the parser and
+        replaced by a fresh stream over the same bytes (or by those bytes).
+
+        @param limits: the L{harmony.http.bodies.ContentLimits} to parse
+            under; by default the envelope's C{content_limits} (set by the
+            adapter that built it, from C{[proxy.content_limits]} and the
+            endpoint's C{max_body_size}), else the configuration defaults.
+        @param max_body_size: overrides the size limit of those limits.
+        @return: Deferred firing with the normalized view, or failing with
+            L{harmony.errors.BadRequest} (malformed body, too deep, too many
+            rows/fields/files) or L{harmony.errors.PayloadTooLarge}.
         """
-        return _parse(self, max_body_size)
+        if limits is None:
+            limits = self.content_limits or bodies.DEFAULT_LIMITS
+        if max_body_size is not None:
+            limits = limits.with_max_body_size(max_body_size)
+        return _parse(self, limits)
 
 
 @attr.s(slots=True)
@@ -345,6 +350,9 @@ class RequestEnvelope(_Normalized):
     @ivar dicom: a L{DicomRequest} or C{None}.
     @ivar rewind_body: C{None}, or a callable returning a fresh copy of a
         streamed body (lets ordered failover resend it).
+    @ivar content_limits: the L{harmony.http.bodies.ContentLimits} that
+        L{parse_body} applies (C{None}: the configuration defaults); set by
+        the protocol adapter.
     """
 
     details = attr.ib()
@@ -354,42 +362,35 @@ class RequestEnvelope(_Normalized):
     dicom = attr.ib(default=None)
     rewind_body = attr.ib(default=None)
     _normalized = attr.ib(default=_UNPARSED)
+    content_limits = attr.ib(default=None, repr=False)
 
     @property
     def content_type(self):
         return self.details.headers.get("content-type", "")
 
 
-async def _parse_async(envelope, max_body_size):
+async def _parse_async(envelope, limits):
     if envelope.parsed:
         return envelope.normalized
-    mtype = media_type(envelope.content_type)
-    is_json = mtype == "" or mtype in JSON_TYPES or mtype.endswith("+json")
-    if not is_json:
-        envelope.normalized = None
-        return None
-    data = await collect(envelope.body, max_body_size)
-    envelope.body = data
-    if not data.strip():
-        envelope.normalized = None
-        return None
-    try:
-        envelope.normalized = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"Malformed JSON body: {_json_error(e)}")
+    is_request = isinstance(envelope, RequestEnvelope)
+    result = await bodies.parse(
+        envelope.body,
+        envelope.content_type,
+        limits,
+        rewind=envelope.rewind_body if is_request else None,
+        label="Request body" if is_request else "Response body",
+    )
+    envelope.body = result.body
+    if is_request and result.rewind is not None and envelope.rewind_body is None:
+        envelope.rewind_body = result.rewind
+    envelope.normalized = result.normalized
     return envelope.normalized
 
 
-def _json_error(e):
-    if isinstance(e, json.JSONDecodeError):
-        return f"{e.msg} at line {e.lineno} column {e.colno}"
-    return "body is not valid UTF-8"
-
-
-def _parse(envelope, max_body_size):
+def _parse(envelope, limits):
     from twisted.internet.defer import Deferred
 
-    return Deferred.fromCoroutine(_parse_async(envelope, max_body_size))
+    return Deferred.fromCoroutine(_parse_async(envelope, limits))
 
 
 @attr.s(slots=True)
@@ -403,6 +404,9 @@ class ResponseEnvelope(_Normalized):
     @ivar body: C{bytes}, a L{Stream}, or C{None}.
     @ivar metadata: str -> str.
     @ivar dicom: a L{DicomResult} or C{None}.
+    @ivar content_limits: the L{harmony.http.bodies.ContentLimits} that
+        L{parse_body} applies (C{None}: the configuration defaults); the
+        pipeline gives a response the limits of its request.
     """
 
     status = attr.ib(default=200)
@@ -411,6 +415,7 @@ class ResponseEnvelope(_Normalized):
     metadata = attr.ib(factory=dict)
     dicom = attr.ib(default=None)
     _normalized = attr.ib(default=_UNPARSED)
+    content_limits = attr.ib(default=None, repr=False)
 
     @property
     def content_type(self):

@@ -136,6 +136,9 @@ class PipelineExecutor:
                 elif result is not None:
                     mw = chain[i - 1]
                     raise TypeError(f"middleware {mw.name!r} response hook returned {type(result).__name__}")
+            if response.content_limits is None:
+                # A response body parses under the limits of its request.
+                response.content_limits = envelope.content_limits
             while i < len(chain) and short_circuit and chain[i] not in entered:
                 i += 1
             if i == len(chain):

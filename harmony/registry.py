@@ -212,7 +212,7 @@ def builtin_registry():
     from harmony.backends import http as http_backend
     from harmony.endpoints import dicom_scp
     from harmony.endpoints import http as http_endpoint
-    from harmony.middleware import passthru
+    from harmony.middleware import cors, header, json_extractor, log_dump, passthru, path_filter
 
     registry = Registry()
     registry.add_service(
@@ -250,6 +250,11 @@ def builtin_registry():
     )
     registry.add_middleware(MiddlewareType("passthru", passthru.Passthru))
     registry.add_middleware(MiddlewareType("connect", passthru.Passthru))
+    registry.add_middleware(MiddlewareType("path_filter", path_filter.PathFilter, path_filter.OPTIONS))
+    registry.add_middleware(MiddlewareType("header", header.HeaderMiddleware, header.OPTIONS))
+    registry.add_middleware(MiddlewareType("cors", cors.CorsMiddleware, cors.OPTIONS))
+    registry.add_middleware(MiddlewareType("log_dump", log_dump.LogDump, log_dump.OPTIONS))
+    registry.add_middleware(MiddlewareType("json_extractor", json_extractor.JsonExtractor, json_extractor.OPTIONS))
     return registry
 
 

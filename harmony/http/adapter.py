@@ -3,6 +3,7 @@
 twisted.web requests in and out of envelopes.
 """
 
+from collections.abc import Mapping
 from io import BytesIO
 from urllib.parse import parse_qs
 
@@ -11,6 +12,7 @@ from zope.interface import implementer
 
 from harmony.envelope import Headers, RequestDetails, RequestEnvelope, body_length
 from harmony.errors import PayloadTooLarge
+from harmony.http.bodies import ContentLimits
 from harmony.http.headers import HOP_BY_HOP
 from harmony.interfaces import IProtocolAdapter
 from harmony.logs import logger
@@ -81,7 +83,10 @@ class HttpAdapter:
     L{ResponseEnvelope}s back, streaming bodies both ways.
 
     @param proxy_options: the frozen C{[proxy]} options (public base URL,
-        trusted proxies).
+        trusted proxies, content limits).  Every envelope carries the
+        C{[proxy.content_limits]} as C{content_limits} (with the endpoint's
+        own C{max_body_size} when its options have one) for
+        L{RequestEnvelope.parse_body}.
     """
 
     protocol = "http"
@@ -89,8 +94,26 @@ class HttpAdapter:
     def __init__(self, proxy_options):
         self._public_url = proxy_options.public_base_url
         self._trusted = frozenset(proxy_options.trusted_proxies)
-        limits = getattr(proxy_options, "content_limits", None)
-        self._max_body_size = getattr(limits, "max_body_size", None)
+        self._limits = ContentLimits.from_options(getattr(proxy_options, "content_limits", None))
+        self._max_body_size = self._limits.max_body_size
+        # id(endpoint) -> (endpoint, its ContentLimits)
+        self._endpoint_limits = {}
+
+    def limits_for(self, endpoint):
+        """
+        The content limits of requests to C{endpoint}: the proxy's, with
+        the endpoint's C{options.max_body_size} when it has one.
+        """
+        entry = self._endpoint_limits.get(id(endpoint))
+        if entry is None or entry[0] is not endpoint:
+            options = getattr(endpoint, "options", None)
+            if isinstance(options, Mapping):
+                override = options.get("max_body_size")
+            else:
+                override = getattr(options, "max_body_size", None)
+            limits = self._limits if override is None else self._limits.with_max_body_size(override)
+            entry = self._endpoint_limits[id(endpoint)] = (endpoint, limits)
+        return entry[1]
 
     def to_envelope(self, raw, route, relative_path=""):
         request = raw
@@ -129,9 +152,10 @@ class HttpAdapter:
         )
         body = self._body(request)
         length = body_length(body)
-        if self._max_body_size is not None and length is not None and length > self._max_body_size:
+        limits = self.limits_for(route.endpoint)
+        if limits.max_body_size is not None and length is not None and length > limits.max_body_size:
             raise PayloadTooLarge()
-        envelope = RequestEnvelope(details=details, body=body)
+        envelope = RequestEnvelope(details=details, body=body, content_limits=limits)
         if isinstance(envelope.body, Stream):
             envelope.rewind_body = lambda: self._body(request)
         envelope.metadata["protocol"] = "http"

@@ -50,6 +50,15 @@ def _backend_options():
     return HTTP_BACKEND_OPTIONS.validate({"base_url": "http://up.test"}, Where("t.toml", ("backends", "u", "options")))
 
 
+#: Options that make each built-in middleware type valid (those without
+#: required options need none).
+MIDDLEWARE_OPTIONS = {
+    "path_filter": {"rules": ["/{*rest}"]},
+    "jwt_auth": {"algorithm": "HS256", "secret": "0123456789abcdef0123456789abcdef"},
+    "basic_auth": {"users": {"alice": "$2b$12$C6UzMDM.H6dfI/f/IKcEeO5c2OiFq3S0K6uR0m6bQ3bW2E8aJ8Q9a"}},
+}
+
+
 class ProviderTests(SynchronousTestCase):
     def test_endpoints(self):
         for cls, stype in ((HttpEndpoint, "http"), (EchoEndpoint, "echo")):
@@ -78,6 +87,8 @@ class ProviderTests(SynchronousTestCase):
         self.assertEqual(adapter.protocol, "http")
 
     def test_builtin_types(self):
+        from harmony.config.schema import Where
+
         registry = builtin_registry()
         for name in registry.service_names():
             stype = registry.service(name)
@@ -87,7 +98,8 @@ class ProviderTests(SynchronousTestCase):
             mtype = registry.middleware(name)
             self.assertIsInstance(mtype, MiddlewareType)
             self.assertTrue(verifyObject(IMiddlewareType, mtype))
-            self.assertTrue(verifyObject(IMiddleware, mtype.make("m", None, BuildContext())))
+            options = mtype.options.validate(MIDDLEWARE_OPTIONS.get(name, {}), Where("t.toml"))
+            self.assertTrue(verifyObject(IMiddleware, mtype.make("m", options, BuildContext())))
         self.assertEqual(set(registry.service_names()), {"http", "echo", "dicom_scp", "dicom_scu"})
 
     def test_made_by_service_types(self):

@@ -49,12 +49,16 @@ def _validated(schema, data):
 # Built-in types ------------------------------------------------------------------
 
 
+#: Harmony's own middleware types (kept in step with builtin_registry).
+BUILTIN_MIDDLEWARE = ["connect", "cors", "header", "json_extractor", "log_dump", "passthru", "path_filter"]
+
+
 def test_builtin_names():
     registry = builtin_registry()
     assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
     assert registry.service_names("endpoint") == ["dicom_scp", "echo", "http"]
     assert registry.service_names("backend") == ["dicom_scu", "echo", "http"]
-    assert registry.middleware_names() == ["connect", "passthru"]
+    assert registry.middleware_names() == BUILTIN_MIDDLEWARE
 
 
 def test_default_registry_has_builtins():
@@ -234,13 +238,15 @@ def test_canonical_middleware(name, canonical):
 
 
 def test_middleware_alias_lookup():
-    registry = builtin_registry()
+    from harmony.registry import Registry
+
+    registry = Registry()
     jwt = MiddlewareType("jwt_auth", Passthru)
     registry.add_middleware(jwt)
     assert registry.middleware("jwtauth") is jwt
     assert registry.middleware("JWTAUTH") is jwt
     assert registry.middleware("jwt_auth") is jwt
-    assert registry.middleware_names() == ["connect", "jwt_auth", "passthru"]
+    assert registry.middleware_names() == ["jwt_auth"]
 
 
 # Adding types ----------------------------------------------------------------------------
@@ -468,7 +474,7 @@ def test_load_plugins_from_package(plugin_package):
     assert registry.service("hidden") is None
     assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http", "plugged"]
     assert registry.middleware("plugged_mw").name == "plugged_mw"
-    assert registry.middleware_names() == ["connect", "passthru", "plugged_mw"]
+    assert registry.middleware_names() == sorted(BUILTIN_MIDDLEWARE + ["plugged_mw"])
     endpoint = plugged.make_endpoint("e", Options({"path_prefix": "/p"}), BuildContext())
     assert verifyObject(IEndpoint, endpoint)
 
@@ -498,7 +504,7 @@ def test_load_plugins_empty_package(tmp_path, monkeypatch):
         registry = builtin_registry()
         registry.load_plugins(package)
         assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
-        assert registry.middleware_names() == ["connect", "passthru"]
+        assert registry.middleware_names() == BUILTIN_MIDDLEWARE
     finally:
         sys.modules.pop(name, None)
 
