@@ -115,13 +115,40 @@ class PipelineExecutor:
                 entered.append(mw)
             if i == len(chain):
                 break
-            result = chain[i].request(envelope)
+            try:
+                result = chain[i].request(envelope)
+            except Exception:
+                return self._error_response(Failure(), endpoint, envelope, entered)
             i += 1
             if isinstance(result, defer.Deferred):
-                return result.addCallback(self._request_hooks, i, endpoint, envelope, entered)
-        return self._call_backends(envelope, 0).addCallback(
-            self._response_hooks, 0, endpoint, envelope, entered, False
+                return result.addCallbacks(
+                    self._request_hooks,
+                    self._error_response,
+                    callbackArgs=(i, endpoint, envelope, entered),
+                    errbackArgs=(endpoint, envelope, entered),
+                )
+        return self._call_backends(envelope, 0).addCallbacks(
+            self._response_hooks,
+            self._error_response,
+            callbackArgs=(0, endpoint, envelope, entered, False),
+            errbackArgs=(endpoint, envelope, entered),
         )
+
+    def _error_response(self, failure, endpoint, envelope, entered):
+        """
+        A request hook or the backend failed: the endpoint renders the
+        error, and the response hooks of the middleware entered so far run
+        on it (CORS headers, audit logs, header rules see errors too; the
+        response's C{metadata["error"]} names the error for hooks that
+        should leave it alone).
+        """
+        if failure.check(defer.CancelledError):
+            return failure
+        response = self._render(failure, endpoint)
+        response.metadata.setdefault(
+            "error", failure.value.error if failure.check(HarmonyError) else InternalError.error
+        )
+        return self._response_hooks(response, 0, endpoint, envelope, entered, True)
 
     def _response_hooks(self, response, i, endpoint, envelope, entered, short_circuit, result=_START):
         """

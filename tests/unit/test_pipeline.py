@@ -240,12 +240,47 @@ class ErrorTests(_Base):
             resp = self.run_pipeline(self.executor(backends=[backend]))
             self.assertEqual(resp.status, status)
 
-    def test_error_skips_response_hooks(self):
-        a = self.middleware("a")
+    def test_backend_error_goes_through_response_hooks(self):
+        seen = []
+        a = self.middleware("a", on_response=lambda env, resp: seen.append((resp.status, resp.metadata["error"])))
         backend = self.backend(result=UpstreamTimeout)
         resp = self.run_pipeline(self.executor([a], [a], [backend]))
         self.assertEqual(resp.status, 504)
-        self.assertNotIn(("response", "a"), self.log)
+        # e.g. CORS headers and audit events for errors too.
+        self.assertEqual(seen, [(504, "gateway_timeout")])
+
+    def test_request_hook_error_runs_the_hooks_entered_before(self):
+        from harmony.errors import Unauthorized
+
+        a = self.middleware("a")
+        b = self.middleware("b", on_request=self._raise(Unauthorized("no token")))
+        c = self.middleware("c")
+        resp = self.run_pipeline(self.executor([a, b, c]))
+        self.assertEqual(resp.status, 401)
+        self.assertEqual(
+            [entry for entry in self.log if entry[0] in ("request", "response")],
+            [("request", "a"), ("request", "b"), ("response", "a")],
+        )
+
+    def test_deferred_request_hook_error_runs_the_hooks_entered_before(self):
+        from harmony.errors import Forbidden
+
+        a = self.middleware("a")
+        b = self.middleware("b", on_request=lambda env: defer.fail(Forbidden()))
+        resp = self.run_pipeline(self.executor([a, b]))
+        self.assertEqual(resp.status, 403)
+        self.assertEqual(
+            [entry for entry in self.log if entry[0] in ("request", "response")],
+            [("request", "a"), ("request", "b"), ("response", "a")],
+        )
+
+    def test_response_hook_may_change_an_error_response(self):
+        def add_header(env, resp):
+            resp.headers.set("Access-Control-Allow-Origin", "https://app.example")
+
+        a = self.middleware("a", on_response=add_header)
+        resp = self.run_pipeline(self.executor([a], [a], [self.backend(result=UpstreamTimeout)]))
+        self.assertEqual(resp.headers.get("access-control-allow-origin"), "https://app.example")
 
     def test_unexpected_exception_is_opaque_500(self):
         a = self.middleware("a", on_request=self._raise(ZeroDivisionError("secret internals /etc/x")))
