@@ -211,6 +211,7 @@ def builtin_registry():
     from harmony.backends import echo as echo_backend
     from harmony.backends import http as http_backend
     from harmony.endpoints import dicom_scp
+    from harmony.endpoints import fhir as fhir_endpoint
     from harmony.endpoints import http as http_endpoint
     from harmony.middleware import cors, header, json_extractor, log_dump, passthru, path_filter
 
@@ -248,6 +249,7 @@ def builtin_registry():
             backend_options=dicom_scu.OPTIONS,
         )
     )
+    registry.add_service(fhir_endpoint.SERVICE_TYPE)
     registry.add_middleware(MiddlewareType("passthru", passthru.Passthru))
     registry.add_middleware(MiddlewareType("connect", passthru.Passthru))
     registry.add_middleware(MiddlewareType("path_filter", path_filter.PathFilter, path_filter.OPTIONS))

@@ -225,3 +225,17 @@ def dcmqrscp(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory):
+    """
+    One FHIR R4 server (tests/fhir_server: Medplum's FHIR router over its
+    in-memory store) for the whole test session, on loopback; C{.url} is
+    its FHIR base.
+    """
+    from peers import FhirServer
+
+    server = FhirServer(tmp_path_factory.mktemp("fhir-server")).start()
+    yield server
+    server.stop()

@@ -303,3 +303,48 @@ def dicom_instance(directory, source, patient_id, study, series, name, patient_n
     path = Path(directory) / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return ds.SOPInstanceUID, path
+
+
+FHIR_SERVER_DIR = HERE.parent / "fhir_server"
+
+
+class FhirServer:
+    """
+    The FHIR R4 test server (C{tests/fhir_server/server.mjs}: Medplum's
+    FHIR router over its in-memory repository) on a free loopback port.
+    Its packages are installed by C{scripts/setup --test} (C{npm ci}).
+
+    Its links (Bundle C{link}, C{fullUrl}, C{Location}) are absolute URLs
+    under L{url}; a restart empties the store.
+
+    @ivar port: its port.
+    @ivar url: its FHIR base (C{http://127.0.0.1:<port>/fhir/R4}).
+    """
+
+    base_path = "/fhir/R4"
+    READY = "FHIR server ready on "
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}{self.base_path}"
+        self.process = None
+
+    def start(self, timeout=30):
+        node = shutil.which("node")
+        assert node, "node is not installed: run scripts/setup --test (Debian packages nodejs, npm)"
+        router = FHIR_SERVER_DIR / "node_modules" / "@medplum" / "fhir-router"
+        assert router.is_dir(), f"{router} is missing: run scripts/setup --test (npm ci --prefix tests/fhir_server)"
+        argv = [node, FHIR_SERVER_DIR / "server.mjs", self.port, self.base_path]
+        self.process = Process(argv, self.directory, "fhir-server")
+        deadline = time.monotonic() + timeout
+        while self.READY + self.url not in self.process.output():
+            assert self.process.popen.poll() is None, f"the FHIR server exited:\n{self.process.output()}"
+            assert time.monotonic() < deadline, f"the FHIR server did not start:\n{self.process.output()}"
+            time.sleep(0.05)
+        self.process.wait_for_port(self.port)
+        return self
+
+    def stop(self):
+        if self.process is not None:
+            self.process.stop()

@@ -49,15 +49,18 @@ def _validated(schema, data):
 # Built-in types ------------------------------------------------------------------
 
 
+#: Harmony's own service types (kept in step with builtin_registry).
+BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "echo", "fhir", "http"]
+
 #: Harmony's own middleware types (kept in step with builtin_registry).
 BUILTIN_MIDDLEWARE = ["connect", "cors", "header", "json_extractor", "log_dump", "passthru", "path_filter"]
 
 
 def test_builtin_names():
     registry = builtin_registry()
-    assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
-    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "http"]
-    assert registry.service_names("backend") == ["dicom_scu", "echo", "http"]
+    assert registry.service_names() == BUILTIN_SERVICES
+    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "fhir", "http"]
+    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir", "http"]
     assert registry.middleware_names() == BUILTIN_MIDDLEWARE
 
 
@@ -216,9 +219,9 @@ def test_service_aliases_by_role():
 def test_service_names_by_role():
     registry = builtin_registry()
     _with_dicom(registry)
-    assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
-    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "http"]
-    assert registry.service_names("backend") == ["dicom_scu", "echo", "http"]
+    assert registry.service_names() == BUILTIN_SERVICES
+    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "fhir", "http"]
+    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir", "http"]
 
 
 @pytest.mark.parametrize(
@@ -283,7 +286,7 @@ def test_add_replaces_same_name():
     mine = ServiceType("http", HttpEndpoint, HTTP_OPTIONS)
     registry.add_service(mine)
     assert registry.service("http") is mine
-    assert registry.service_names("backend") == ["dicom_scu", "echo"]
+    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir"]
 
 
 # Registry.load -----------------------------------------------------------------------
@@ -332,8 +335,8 @@ def test_load_service_type(module_factory):
     obj = registry.load("service", "store", f"{name}:Store")
     assert obj is sys.modules[name].Store
     assert registry.service("store") is obj
-    assert registry.service_names("backend") == ["dicom_scu", "echo", "http", "store"]
-    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "http"]
+    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir", "http", "store"]
+    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "fhir", "http"]
 
 
 def test_load_type_name_is_case_insensitive(module_factory):
@@ -372,7 +375,7 @@ def test_load_module_not_found():
     )
     assert info.value.file is None
     assert info.value.keypath == ()
-    assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
+    assert registry.service_names() == BUILTIN_SERVICES
 
 
 def test_load_attribute_missing(module_factory):
@@ -472,7 +475,7 @@ def test_load_plugins_from_package(plugin_package):
     assert plugged.name == "plugged"
     assert verifyObject(IServiceType, plugged)
     assert registry.service("hidden") is None
-    assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http", "plugged"]
+    assert registry.service_names() == sorted(BUILTIN_SERVICES + ["plugged"])
     assert registry.middleware("plugged_mw").name == "plugged_mw"
     assert registry.middleware_names() == sorted(BUILTIN_MIDDLEWARE + ["plugged_mw"])
     endpoint = plugged.make_endpoint("e", Options({"path_prefix": "/p"}), BuildContext())
@@ -503,7 +506,7 @@ def test_load_plugins_empty_package(tmp_path, monkeypatch):
     try:
         registry = builtin_registry()
         registry.load_plugins(package)
-        assert registry.service_names() == ["dicom_scp", "dicom_scu", "echo", "http"]
+        assert registry.service_names() == BUILTIN_SERVICES
         assert registry.middleware_names() == BUILTIN_MIDDLEWARE
     finally:
         sys.modules.pop(name, None)
