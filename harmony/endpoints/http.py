@@ -7,7 +7,7 @@ C{{"error": ..., "message": ...}}.
 
 from zope.interface import implementer
 
-from harmony.config.schema import REQUIRED, Field, Schema, Str
+from harmony.config.schema import Int, REQUIRED, Field, Schema, Str
 from harmony.envelope import ResponseEnvelope
 from harmony.http.headers import json_error_body
 from harmony.http.routing import ALL_METHODS, Route, check_prefix
@@ -17,6 +17,9 @@ OPTIONS = Schema(
     {
         "path_prefix": Field(
             Str(nonempty=True, check=check_prefix), REQUIRED, "URL prefix served by this endpoint"
+        ),
+        "max_body_size": Field(
+            Int(min=1), None, "bytes; overrides [proxy.content_limits] max_body_size for this endpoint"
         ),
     }
 )

@@ -88,6 +88,18 @@ class NetworkResource(Resource):
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET
 
+    def route_for(self, method, uri):
+        """
+        The route of a request line (bytes), or C{None}: for limits that
+        apply before the request is processed.
+        """
+        try:
+            path = uri.split(b"?", 1)[0].decode("latin-1")
+            route, _ = self.routes.resolve(method.decode("latin-1"), path)
+        except Exception:
+            return None
+        return route
+
     def _write(self, response, request):
         return self.adapter.write_response(request, response)
 
@@ -141,8 +153,33 @@ class HarmonyRequest(server.Request):
 
     # -- body size limit: refused before the body is read ----------------------
 
+    _route = False  # not looked up yet
+
+    def _target(self):
+        """
+        The route this request goes to (C{None}: none), from the request
+        line, before the body is read.
+        """
+        if self._route is False:
+            self._route = None
+            resource = getattr(getattr(self.channel, "site", None), "resource", None)
+            resolve = getattr(resource, "route_for", None)
+            channel = self.channel
+            if resolve is not None:
+                method = getattr(channel, "_command", b"") or b""
+                uri = getattr(channel, "_path", b"") or b""
+                self._route = resolve(method, uri)
+        return self._route
+
     def _limit(self):
+        """
+        The body size limit: the matched endpoint's (C{max_body_size}
+        option), else the network's ([proxy.content_limits]).
+        """
         site = getattr(self.channel, "site", None)
+        route = self._target()
+        if route is not None:
+            return site.resource.adapter.limits_for(route.endpoint).max_body_size
         return getattr(site, "max_body_size", None)
 
     def gotLength(self, length):
@@ -171,10 +208,22 @@ class HarmonyRequest(server.Request):
         self.content = BytesIO()  # stays empty: chunks are dropped
         # No "100 Continue" after this answer.
         self.requestHeaders.removeHeader(b"expect")
-        body = json.dumps(json_error_body(PayloadTooLarge())).encode("utf-8")
+        content_type, body = b"application/json", None
+        route = self._target()
+        if route is not None:
+            # In the endpoint's own protocol (e.g. a FHIR OperationOutcome).
+            try:
+                rendered = route.endpoint.render_error(PayloadTooLarge())
+                if isinstance(rendered.body, (bytes, bytearray)):
+                    body = bytes(rendered.body)
+                    content_type = (rendered.headers.get("content-type") or "application/json").encode("latin-1")
+            except Exception:
+                log.failure("Rendering a 413 for endpoint {endpoint} failed", endpoint=route.endpoint.name)
+        if body is None:
+            body = json.dumps(json_error_body(PayloadTooLarge())).encode("utf-8")
         transport = self.channel.transport
         transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: " + content_type + b"\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
         )
         transport.loseConnection()

@@ -57,6 +57,53 @@ path_prefix = "/raw"
 [backends.echo_raw]
 service = "echo"
 """,
+    "small": """
+[pipelines.small]
+networks = ["default"]
+endpoints = ["small"]
+backends = ["echo_small"]
+
+[endpoints.small]
+service = "http"
+[endpoints.small.options]
+path_prefix = "/small"
+max_body_size = 100
+
+[backends.echo_small]
+service = "echo"
+""",
+    "big": """
+[pipelines.big]
+networks = ["default"]
+endpoints = ["big"]
+backends = ["echo_big"]
+
+[endpoints.big]
+service = "http"
+[endpoints.big.options]
+path_prefix = "/big"
+max_body_size = 20971520
+
+[backends.echo_big]
+service = "echo"
+[backends.echo_big.options]
+parse_body = true
+""",
+    "fhir": """
+[pipelines.fhir]
+networks = ["default"]
+endpoints = ["fhir"]
+backends = ["echo_fhir"]
+
+[endpoints.fhir]
+service = "fhir"
+[endpoints.fhir.options]
+path_prefix = "/fhir"
+max_body_size = 100
+
+[backends.echo_fhir]
+service = "echo"
+""",
 }
 
 MB = 1024 * 1024
@@ -389,3 +436,38 @@ def test_keeps_serving(gateway, port):
         assert_400(post(port, b"<a>", "text/xml"), "Malformed XML body")
     assert_serving(port)
     assert "Traceback" not in gateway[0].output()
+
+
+def test_endpoint_max_body_size_overrides_the_proxy_limit(port):
+    """
+    An endpoint's C{max_body_size} decides before the body is read: larger
+    than [proxy.content_limits] (10 MiB by default) lets a 12 MiB upload
+    through, smaller refuses 101 bytes.
+    """
+    big = b"x" * (12 * MB)
+    response = request(port, "POST", "/big/upload", body=big, headers=[("Content-Type", "application/octet-stream")])
+    assert response.status == 200, response
+    assert response.json()["normalized"]["size"] == len(big)
+    head = (b"POST /raw/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(big))
+    answer, sent = upload(port, head, zeros(len(big)))
+    status, body = response_of(answer)
+    assert (status, body["error"]) == (413, "payload_too_large")
+    assert sent < len(big)  # refused from the headers: not read
+    response = request(port, "POST", "/small/x", body=b"y" * 101, headers=[("Content-Type", "text/plain")])
+    assert response.status == 413, response
+    assert response.json()["error"] == "payload_too_large"
+    response = request(port, "POST", "/small/x", body=b"y" * 100, headers=[("Content-Type", "text/plain")])
+    assert response.status == 200, response
+
+
+def test_413_in_the_endpoints_protocol(port):
+    response = request(
+        port, "POST", "/fhir/Patient", body=b"{" + b" " * 200 + b"}",
+        headers=[("Content-Type", "application/fhir+json")],
+    )
+    assert response.status == 413, response
+    assert response.header("content-type").startswith("application/fhir+json")
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "too-costly"
