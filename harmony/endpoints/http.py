@@ -7,7 +7,7 @@ C{{"error": ..., "message": ...}}.
 
 from zope.interface import implementer
 
-from harmony.config.schema import Int, REQUIRED, Field, Schema, Str
+from harmony.config.schema import REQUIRED, Field, Int, Schema, Str
 from harmony.envelope import ResponseEnvelope
 from harmony.http.headers import json_error_body
 from harmony.http.routing import ALL_METHODS, Route, check_prefix
