@@ -213,7 +213,16 @@ def builtin_registry():
     from harmony.endpoints import dicom_scp
     from harmony.endpoints import fhir as fhir_endpoint
     from harmony.endpoints import http as http_endpoint
-    from harmony.middleware import cors, header, json_extractor, log_dump, passthru, path_filter
+    from harmony.middleware import (
+        cors,
+        header,
+        json_extractor,
+        log_dump,
+        metadata_transform,
+        passthru,
+        path_filter,
+        transform,
+    )
 
     registry = Registry()
     registry.add_service(
@@ -257,6 +266,12 @@ def builtin_registry():
     registry.add_middleware(MiddlewareType("cors", cors.CorsMiddleware, cors.OPTIONS))
     registry.add_middleware(MiddlewareType("log_dump", log_dump.LogDump, log_dump.OPTIONS))
     registry.add_middleware(MiddlewareType("json_extractor", json_extractor.JsonExtractor, json_extractor.OPTIONS))
+    registry.add_middleware(MiddlewareType("transform", transform.TransformMiddleware, transform.OPTIONS))
+    registry.add_middleware(
+        MiddlewareType(
+            "metadata_transform", metadata_transform.MetadataTransformMiddleware, metadata_transform.OPTIONS
+        )
+    )
     return registry
 
 

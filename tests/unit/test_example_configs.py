@@ -13,7 +13,7 @@ from harmony.gateway import build_gateway
 from harmony.registry import BuildContext, default_registry
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc")
-EXAMPLES = ["http-to-dicom.toml", "dicom-proxy.toml"]
+EXAMPLES = ["http-to-dicom.toml", "dicom-proxy.toml", "transform-example.toml"]
 
 
 def _enable(text):
@@ -34,6 +34,7 @@ def test_default_config_has_only_the_echo_pipeline():
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_is_valid_when_enabled(tmp_path, name):
     shutil.copy(os.path.join(ETC, "harmony.toml"), tmp_path / "harmony.toml")
+    shutil.copytree(os.path.join(ETC, "transforms"), tmp_path / "transforms")
     (tmp_path / "pipelines").mkdir()
     with open(os.path.join(ETC, "pipelines", name)) as f:
         enabled = _enable(f.read())

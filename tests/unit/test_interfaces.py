@@ -3,6 +3,7 @@ Every provider of a L{harmony.interfaces} contract, fakes included, is
 checked with C{verifyObject}.
 """
 
+import os
 import types
 
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -50,10 +51,17 @@ def _backend_options():
     return HTTP_BACKEND_OPTIONS.validate({"base_url": "http://up.test"}, Where("t.toml", ("backends", "u", "options")))
 
 
+_EXAMPLE_SPEC = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc", "transforms",
+    "example-patient.json",
+)
+
 #: Options that make each built-in middleware type valid (those without
 #: required options need none).
 MIDDLEWARE_OPTIONS = {
     "path_filter": {"rules": ["/{*rest}"]},
+    "transform": {"spec_path": _EXAMPLE_SPEC},
+    "metadata_transform": {"spec_path": _EXAMPLE_SPEC},
     "jwt_auth": {"algorithm": "HS256", "secret": "0123456789abcdef0123456789abcdef"},
     "basic_auth": {"users": {"alice": "$2b$12$C6UzMDM.H6dfI/f/IKcEeO5c2OiFq3S0K6uR0m6bQ3bW2E8aJ8Q9a"}},
 }

@@ -53,7 +53,10 @@ def _validated(schema, data):
 BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "echo", "fhir", "http"]
 
 #: Harmony's own middleware types (kept in step with builtin_registry).
-BUILTIN_MIDDLEWARE = ["connect", "cors", "header", "json_extractor", "log_dump", "passthru", "path_filter"]
+BUILTIN_MIDDLEWARE = [
+    "connect", "cors", "header", "json_extractor", "log_dump", "metadata_transform", "passthru", "path_filter",
+    "transform",
+]
 
 
 def test_builtin_names():
