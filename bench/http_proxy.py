@@ -17,6 +17,10 @@ Everything runs on 127.0.0.1 with free ports, in one go:
     direct (client -> backend), Harmony (client -> twistd harmony ->
     backend) and ReverseProxyResource (client -> twisted.web.proxy ->
     backend);
+ 2b. two more Harmony pipelines in the same process, for the overhead of
+    middleware against plain passthrough: C{/jwt} (C{jwt_auth}, HS256, a
+    valid token on every request) and C{/transform} (a JOLT C{transform}
+    of the origin's JSON response);
  3. peak RSS (VmHWM) of the two proxy processes, and CPU use of every
     process during each measurement;
  4. a table, ratios and whether Harmony reaches the target rate.
@@ -62,9 +66,12 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
 SIZE = int(sys.argv[1])
-BODY = (b"0123456789abcdef" * (SIZE // 16 + 1))[:SIZE]
+# A JSON document of exactly SIZE bytes (the transform row rewrites it).
+_HEAD = b'{"resourceType":"Patient","id":"bench","name":[{"family":"Doe","given":["Jane"]}],"note":"'
+_FILL = max(0, SIZE - len(_HEAD) - 2)
+BODY = (_HEAD + b"x" * _FILL + b'"}')[:SIZE] if SIZE >= len(_HEAD) + 2 else (b"0123456789abcdef" * (SIZE // 16 + 1))[:SIZE]
 HEAD = (b"HTTP/1.1 200 OK\r\nServer: bench-origin\r\n"
-        b"Content-Type: application/octet-stream\r\n"
+        b"Content-Type: " + (b"application/json" if BODY.startswith(b"{") else b"application/octet-stream") + b"\r\n"
         b"Content-Length: " + str(SIZE).encode() + b"\r\n")
 KEEP = HEAD + b"\r\n" + BODY
 CLOSE = HEAD + b"Connection: close\r\n\r\n" + BODY
@@ -230,6 +237,51 @@ service = "http"
 [backends.origin.options]
 base_url = "http://127.0.0.1:{backend_port}"
 timeout_secs = 30
+
+[pipelines.bench_jwt]
+description = "Benchmark: reverse proxy behind jwt_auth (HS256)"
+networks = ["default"]
+endpoints = ["bench_jwt"]
+middleware = ["auth"]
+backends = ["origin"]
+
+[endpoints.bench_jwt]
+service = "http"
+[endpoints.bench_jwt.options]
+path_prefix = "/jwt"
+
+[middleware.auth]
+type = "jwt_auth"
+[middleware.auth.options]
+algorithm = "HS256"
+secret = "{jwt_secret}"
+audience = "harmony-bench"
+
+[pipelines.bench_transform]
+description = "Benchmark: reverse proxy with a JOLT transform of the JSON response"
+networks = ["default"]
+endpoints = ["bench_transform"]
+middleware = ["reshape"]
+backends = ["origin"]
+
+[endpoints.bench_transform]
+service = "http"
+[endpoints.bench_transform.options]
+path_prefix = "/transform"
+
+[middleware.reshape]
+type = "transform"
+[middleware.reshape.options]
+spec_path = "{spec_path}"
+apply = "right"
+"""
+
+#: The transform row's JOLT spec: reshape the origin's Patient document.
+TRANSFORM_SPEC = """[
+  {"operation": "shift", "spec": {"id": "patient", "name": {"0": {"family": "family", "given": "given"}},
+                                  "note": "note", "resourceType": "type"}},
+  {"operation": "default", "spec": {"source": "harmony-bench"}}
+]
 """
 
 WRK_LUA = r'''
@@ -346,11 +398,29 @@ def wait_http(child, url, timeout=20.0):
         (child.name, child.log))
 
 
-def sanity(name, url, size, child_logs):
-    """One GET and one POST through a target: 200 and the full body."""
-    payload = b"p" * size
+def kind(target):
+    """Which wrk scripts a target uses (the JWT one sends a token)."""
+    return "jwt" if target == "jwt" else "plain"
+
+
+def refused(name, url, child_logs):
+    """Without a token the JWT target answers 401."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            die(f"{name}: GET {url} without a token answered {r.status}, expected 401", *child_logs)
+    except urllib.error.HTTPError as e:
+        if e.code != 401:
+            die(f"{name}: GET {url} without a token answered {e.code}, expected 401", *child_logs)
+
+
+def sanity(name, url, size, child_logs, headers=None, expect_json=None):
+    """
+    One GET and one POST through a target: 200 and the full body (or, with
+    C{expect_json}, a JSON body containing those members).
+    """
+    payload = b"p" * (size or 1024)
     for method, data in (("GET", None), ("POST", payload)):
-        req = urllib.request.Request(url, data=data, method=method)
+        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
         if data is not None:
             req.add_header("Content-Type", "application/octet-stream")
         try:
@@ -361,7 +431,14 @@ def sanity(name, url, size, child_logs):
             die(f"{name}: {method} {url} answered HTTP {e.code}: {e.read()[:300]!r}", *child_logs)
         except OSError as e:
             die(f"{name}: {method} {url} failed: {e}", *child_logs)
-        if status != 200 or len(body) != size:
+        if expect_json is not None:
+            import json
+
+            got = json.loads(body) if status == 200 else None
+            if not isinstance(got, dict) or any(got.get(k) != v for k, v in expect_json.items()):
+                die(f"{name}: {method} {url} answered {status} with {body[:200]!r} (expected {expect_json})",
+                    *child_logs)
+        elif status != 200 or len(body) != size:
             die(f"{name}: {method} {url} answered {status} with {len(body)} body bytes "
                 f"(expected 200 with {size})", *child_logs)
 
@@ -441,16 +518,26 @@ def main():
     warmup = max(0, int(round(args.warmup)))
     size = args.body_size
 
+    import jwt  # PyJWT, a Harmony dependency
+
+    jwt_secret = os.urandom(24).hex()
+    token = jwt.encode({"sub": "bench", "aud": "harmony-bench", "exp": int(time.time()) + 3600},
+                       jwt_secret, algorithm="HS256")
+    spec_path = os.path.join(workdir, "reshape.json")
+    with open(spec_path, "w") as f:
+        f.write(TRANSFORM_SPEC)
+
     scripts = {}
-    for method in ("GET", "POST"):
-        body = ""
-        if method == "POST":
-            body = (f'wrk.body = string.rep("b", {size})\n'
-                    'wrk.headers["Content-Type"] = "application/octet-stream"')
-        path = os.path.join(workdir, f"{method.lower()}.lua")
-        with open(path, "w") as f:
-            f.write(WRK_LUA.replace("{method}", method).replace("{body}", body))
-        scripts[method] = path
+    for kind, extra in (("plain", ""), ("jwt", f'wrk.headers["Authorization"] = "Bearer {token}"')):
+        for method in ("GET", "POST"):
+            body = ""
+            if method == "POST":
+                body = (f'wrk.body = string.rep("b", {size})\n'
+                        'wrk.headers["Content-Type"] = "application/octet-stream"')
+            path = os.path.join(workdir, f"{kind}-{method.lower()}.lua")
+            with open(path, "w") as f:
+                f.write(WRK_LUA.replace("{method}", method).replace("{body}", body + "\n" + extra))
+            scripts[(kind, method)] = path
 
     children = []
     tick = os.sysconf("SC_CLK_TCK")
@@ -486,7 +573,8 @@ def main():
         harmony_port = free_port()
         cfg = os.path.join(workdir, "harmony.toml")
         with open(cfg, "w") as f:
-            f.write(HARMONY_CONFIG.format(port=harmony_port, backend_port=backend_port))
+            f.write(HARMONY_CONFIG.format(port=harmony_port, backend_port=backend_port, jwt_secret=jwt_secret,
+                                          spec_path=spec_path))
         harmony = start("harmony", [twistd, "-n", "--pidfile=", "--reactor=epoll", "harmony", "-c", cfg],
                         proxy_core, f"http://127.0.0.1:{harmony_port}{PATH}", cwd=workdir)
         print(f"  harmony     twistd harmony (http endpoint /bench -> http backend) pid {harmony.pid} "
@@ -506,10 +594,18 @@ def main():
             ("direct", f"http://127.0.0.1:{backend_port}{PATH}", None),
             ("harmony", f"http://127.0.0.1:{harmony_port}{PATH}", harmony),
             ("revproxy", f"http://127.0.0.1:{rp_port}{PATH}", revproxy),
+            ("jwt", f"http://127.0.0.1:{harmony_port}/jwt/item", harmony),
+            ("transform", f"http://127.0.0.1:{harmony_port}/transform/item", harmony),
         ]
         logs = [(c.name, c.log) for c in children]
         for name, url, _ in targets:
-            sanity(name, url, size, logs)
+            if name == "jwt":
+                sanity(name, url, size, logs, headers={"Authorization": f"Bearer {token}"})
+                refused(name, url, logs)
+            elif name == "transform":
+                sanity(name, url, None, logs, expect_json={"patient": "bench", "family": "Doe"})
+            else:
+                sanity(name, url, size, logs)
         print("  sanity      GET and POST through every target: 200 with the full body\n", flush=True)
 
         results = {}
@@ -517,10 +613,10 @@ def main():
         for name, url, proc in targets:
             for method in ("GET", "POST"):
                 if warmup:
-                    run_wrk(url, scripts[method], warmup, args.connections, wrk_core, env)
+                    run_wrk(url, scripts[(kind(name), method)], warmup, args.connections, wrk_core, env)
                 before = {c.name: c.cpu_ticks() for c in children}
                 sys0, wrk0, t0 = sys_busy_ticks(), children_ticks(tick), time.monotonic()
-                r = run_wrk(url, scripts[method], duration, args.connections, wrk_core, env)
+                r = run_wrk(url, scripts[(kind(name), method)], duration, args.connections, wrk_core, env)
                 after = {c.name: c.cpu_ticks() for c in children}
                 sys1, wrk1, t1 = sys_busy_ticks(), children_ticks(tick), time.monotonic()
                 secs = r["duration_us"] / 1e6
@@ -558,7 +654,8 @@ def main():
         # 4. report
         print()
         label = {"direct": "direct (wrk -> backend)", "harmony": "harmony (twistd harmony)",
-                 "revproxy": "ReverseProxyResource"}
+                 "revproxy": "ReverseProxyResource", "jwt": "harmony + jwt_auth HS256",
+                 "transform": "harmony + JOLT transform"}
         hdr = f"{'target':<26} {'method':<6} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} " \
               f"{'proxy cpu':>9} {'backend cpu':>11} {'other cpu':>9} {'peak RSS':>10}"
         print(hdr)
@@ -581,6 +678,14 @@ def main():
             d = results[("direct", method)]["rps"]
             p = results[("revproxy", method)]["rps"]
             print(f"{method:<4}  harmony/direct = {h / d:.2f}   harmony/ReverseProxyResource = {h / p:.2f}")
+        for name in ("jwt", "transform"):
+            for method in ("GET", "POST"):
+                h = results[("harmony", method)]
+                r = results[(name, method)]
+                extra_us = 1e6 / r["rps"] - 1e6 / h["rps"]
+                print(f"{method:<4}  {label[name]}: {r['rps']:.0f} req/s = {r['rps'] / h['rps']:.2f}x plain "
+                      f"passthrough ({extra_us:+.0f} us per request at {args.connections} connections; "
+                      f"p50 {fmt_ms(r['p50_us'])} vs {fmt_ms(h['p50_us'])} ms)")
         fastest_proxy = max(results[(n, m)]["rps"] for n in ("harmony", "revproxy") for m in ("GET", "POST"))
         slowest_direct = min(results[("direct", m)]["rps"] for m in ("GET", "POST"))
         if slowest_direct < 2 * fastest_proxy:

@@ -214,9 +214,11 @@ def builtin_registry():
     from harmony.endpoints import fhir as fhir_endpoint
     from harmony.endpoints import http as http_endpoint
     from harmony.middleware import (
+        basic_auth,
         cors,
         header,
         json_extractor,
+        jwt_auth,
         log_dump,
         metadata_transform,
         passthru,
@@ -261,6 +263,8 @@ def builtin_registry():
     registry.add_service(fhir_endpoint.SERVICE_TYPE)
     registry.add_middleware(MiddlewareType("passthru", passthru.Passthru))
     registry.add_middleware(MiddlewareType("connect", passthru.Passthru))
+    registry.add_middleware(jwt_auth.MIDDLEWARE_TYPE)
+    registry.add_middleware(basic_auth.MIDDLEWARE_TYPE)
     registry.add_middleware(MiddlewareType("path_filter", path_filter.PathFilter, path_filter.OPTIONS))
     registry.add_middleware(MiddlewareType("header", header.HeaderMiddleware, header.OPTIONS))
     registry.add_middleware(MiddlewareType("cors", cors.CorsMiddleware, cors.OPTIONS))

@@ -54,8 +54,8 @@ BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "echo", "fhir", "http"]
 
 #: Harmony's own middleware types (kept in step with builtin_registry).
 BUILTIN_MIDDLEWARE = [
-    "connect", "cors", "header", "json_extractor", "log_dump", "metadata_transform", "passthru", "path_filter",
-    "transform",
+    "basic_auth", "connect", "cors", "header", "json_extractor", "jwt_auth", "log_dump", "metadata_transform",
+    "passthru", "path_filter", "transform",
 ]
 
 
@@ -89,7 +89,8 @@ def test_middleware_lookup():
     assert registry.middleware("passthru").name == "passthru"
     assert registry.middleware("PassThru").name == "passthru"
     assert registry.middleware("connect").name == "connect"
-    assert registry.middleware("jwtauth") is None
+    assert registry.middleware("jwtauth").name == "jwt_auth"
+    assert registry.middleware("dicomweb") is None  # dicomweb_bridge: the DICOMweb issue
     assert registry.middleware("nosuch") is None
 
 
