@@ -528,16 +528,16 @@ def main():
         f.write(TRANSFORM_SPEC)
 
     scripts = {}
-    for kind, extra in (("plain", ""), ("jwt", f'wrk.headers["Authorization"] = "Bearer {token}"')):
+    for flavour, extra in (("plain", ""), ("jwt", f'wrk.headers["Authorization"] = "Bearer {token}"')):
         for method in ("GET", "POST"):
             body = ""
             if method == "POST":
                 body = (f'wrk.body = string.rep("b", {size})\n'
                         'wrk.headers["Content-Type"] = "application/octet-stream"')
-            path = os.path.join(workdir, f"{kind}-{method.lower()}.lua")
+            path = os.path.join(workdir, f"{flavour}-{method.lower()}.lua")
             with open(path, "w") as f:
                 f.write(WRK_LUA.replace("{method}", method).replace("{body}", body + "\n" + extra))
-            scripts[(kind, method)] = path
+            scripts[(flavour, method)] = path
 
     children = []
     tick = os.sysconf("SC_CLK_TCK")
