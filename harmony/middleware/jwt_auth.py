@@ -74,6 +74,16 @@ _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}\.[A-Za-z0
 _SLASHES = re.compile(r"/{2,}")
 
 
+#: Verified tokens are remembered this long (seconds) by their exact text,
+#: so that a client sending the same token again costs a dictionary lookup
+#: instead of a signature check (exp/nbf are checked on every request; a
+#: key withdrawn from a JWKS stops being trusted within this delay).
+VERIFIED_CACHE_SECS = 30.0
+#: At most this many verified tokens are remembered (then forgotten all at
+#: once: the cache cannot grow with the number of clients).
+VERIFIED_CACHE_SIZE = 4096
+
+
 def claims_of(envelope):
     """
     The claims of the token a C{jwt_auth} middleware verified for this
@@ -597,6 +607,7 @@ class JwtAuth:
         self._scheme_shown = options.scheme or "Bearer"
         self._realm = options.realm
         self._forward = options.forward_credentials
+        self._cache = {}  # token -> (claims, claims JSON, verified at)
         self._jwt = jwt.PyJWT(
             options={
                 "verify_signature": True,
@@ -694,6 +705,19 @@ class JwtAuth:
         token = self._token(details.headers, anonymous=rule is not None and rule.anonymous)
         if token is None:
             return None
+        cached = self._cache.get(token)
+        if cached is not None:
+            claims, claims_json, verified_at = cached
+            if self._clock.seconds() - verified_at < VERIFIED_CACHE_SECS:
+                # Signature, issuer and audience were checked moments ago;
+                # the times are checked again, the route rules as always.
+                try:
+                    self._check_times(claims)
+                except _Reject as e:
+                    del self._cache[token]
+                    raise self._invalid_token(e.description) from None
+                return self._accept(claims, claims_json, envelope, rule)
+            del self._cache[token]
         try:
             kid = self._check_header(token)
             keys = self.keys.lookup(kid)
@@ -801,10 +825,22 @@ class JwtAuth:
             self._check_times(claims)
         except _Reject as e:
             raise self._invalid_token(e.description) from None
+        claims_json = json.dumps(claims, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        cache = self._cache
+        if len(cache) >= VERIFIED_CACHE_SIZE:
+            cache.clear()
+        cache[token] = (claims, claims_json, self._clock.seconds())
+        return self._accept(claims, claims_json, envelope, rule)
+
+    def _accept(self, claims, claims_json, envelope, rule):
+        """
+        A verified token: the route's scopes/roles, then the claims for
+        later middleware.
+        """
         if rule is None or not rule.anonymous:
             self._authorize(claims, rule)
         metadata = envelope.metadata
-        metadata[METADATA_CLAIMS] = json.dumps(claims, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        metadata[METADATA_CLAIMS] = claims_json
         metadata["auth.method"] = "jwt"
         for key, claim in ((METADATA_SUB, "sub"), (METADATA_ISS, "iss")):
             if isinstance(claims.get(claim), str):

@@ -782,7 +782,8 @@ def test_jwks_ttl(keys):
     assert run_jwks(s, bearer(tok)) is None
     assert s.resource.hits == 1
     s.clock.advance(1)
-    assert run_jwks(s, bearer(tok)) is None
+    # A token not seen before (a verified one is remembered for a while).
+    assert run_jwks(s, bearer(token(keys.rsa, headers={"kid": "k1"}, exp=NOW + 10_001))) is None
     assert s.resource.hits == 2
 
 
@@ -1257,3 +1258,45 @@ def test_unreadable_key_file_is_a_startup_error(tmp_path):
     assert str(info.value).startswith(
         "harmony.toml: middleware.auth.options.public_key_path: cannot read 'keys/public.pem'"
     )
+
+
+class _CountingJWT:
+    def __init__(self, real):
+        self.real = real
+        self.calls = 0
+
+    def decode(self, *args, **kwargs):
+        self.calls += 1
+        return self.real.decode(*args, **kwargs)
+
+
+def test_verified_tokens_are_remembered_but_times_checked_each_time():
+    from harmony.middleware import jwt_auth as module
+
+    mw = hs256()
+    clock = mw._clock
+    counting = mw._jwt = _CountingJWT(mw._jwt)
+    # Expired 50 s ago: still accepted within the 60 s leeway.
+    tok = token(SECRET, alg="HS256", exp=NOW - 50)
+    for _ in range(3):
+        envelope = bearer(tok)
+        assert run(mw, envelope) is None
+        assert envelope.metadata["jwt.sub"] == "user-1"
+    assert counting.calls == 1
+    # Still remembered, but now past the leeway: refused without a decode.
+    clock.advance(15)
+    assert_invalid_token(run(mw, bearer(tok)), "expired")
+    assert counting.calls == 1
+    # Remembered for VERIFIED_CACHE_SECS only, then verified again.
+    tok2 = token(SECRET, alg="HS256", exp=NOW + 10_000)
+    assert run(mw, bearer(tok2)) is None
+    clock.advance(module.VERIFIED_CACHE_SECS)
+    assert run(mw, bearer(tok2)) is None
+    assert counting.calls == 3
+
+
+def test_remembered_tokens_still_meet_route_rules():
+    mw = hs256(routes=[{"path_prefix": "/admin", "scopes": ["admin"]}])
+    tok = token(SECRET, alg="HS256", scope="read")
+    assert run(mw, bearer(tok, path="/api/x")) is None
+    assert run(mw, bearer(tok, path="/admin/x")).status == 403
