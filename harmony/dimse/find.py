@@ -10,8 +10,9 @@ from twisted.internet import defer
 
 from harmony.dimse import messages
 from harmony.dimse import status as dimse_status
+from harmony.dimse.scp import request_envelope
 from harmony.dimse.scu import FIND_MODELS, decode_identifier, encode_identifier, received_encoding
-from harmony.envelope import DicomRequest, Headers, RequestDetails, RequestEnvelope
+from harmony.envelope import DicomRequest
 from harmony.logs import logger
 from harmony.streams import EOF, StreamCancelled
 
@@ -106,7 +107,6 @@ class _FindOperation:
     def _envelope(self, identifier, level):
         association = self.association
         rq = association.rq
-        peer = association.peer
         request = DicomRequest(
             operation="find",
             query_model=_MODEL_OF.get(self.sop_class_uid, "study"),
@@ -117,20 +117,7 @@ class _FindOperation:
             called_aet=rq.called_aet,
             user_identity=rq.user_identity,
         )
-        details = RequestDetails(
-            method="C-FIND",
-            uri=f"dicom://{rq.called_aet}/find",
-            path="find",
-            full_path="find",
-            headers=Headers(),
-            client=(getattr(peer, "host", None), getattr(peer, "port", None)),
-            scheme="dicom",
-        )
-        envelope = RequestEnvelope(details=details, dicom=request)
-        envelope.metadata.update(
-            {"protocol": "dimse", "calling_aet": rq.calling_aet, "called_aet": rq.called_aet, "level": level}
-        )
-        return envelope
+        return request_envelope(association, "C-FIND", "find", request, level=level)
 
     # -- answering --------------------------------------------------------------
 

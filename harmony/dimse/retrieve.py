@@ -36,15 +36,17 @@ from twisted.python.failure import Failure
 from harmony.dimse import messages
 from harmony.dimse import status as dimse_status
 from harmony.dimse.association import AssociationAborted
+from harmony.dimse.scp import request_envelope
 from harmony.dimse.scu import (
     GET_MODELS,
     MOVE_MODELS,
     DimseTimeout,
     decode_identifier,
     encode_identifier,
+    file_chunks,
     read_part10_header,
 )
-from harmony.envelope import DicomInstance, DicomRequest, Headers, RequestDetails, RequestEnvelope
+from harmony.envelope import DicomInstance, DicomRequest
 from harmony.errors import HarmonyError
 from harmony.logs import logger
 from harmony.streams import EOF, Stream, StreamCancelled
@@ -128,7 +130,7 @@ class _Source:
         """
         if self._path is None:
             return memoryview(self._data)[self._offset :]
-        chunks = _file_chunks(self._path, self._offset)
+        chunks = file_chunks(self._path, self._offset, CHUNK_SIZE)
         self._open.append(chunks)
         return chunks
 
@@ -141,16 +143,6 @@ class _Source:
                 os.unlink(self._path)
             except OSError:
                 pass
-
-
-def _file_chunks(path, offset, chunk_size=CHUNK_SIZE):
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                return
-            yield chunk
 
 
 async def _open_source(instance):
@@ -296,7 +288,6 @@ class _RetrieveOperation:
 
     def _envelope(self, identifier, level):
         rq = self.association.rq
-        peer = self.association.peer
         model = next((name for name, uid in self._models.items() if uid == self.sop_class_uid), "study")
         request = DicomRequest(
             operation=self.kind,
@@ -309,22 +300,10 @@ class _RetrieveOperation:
             called_aet=rq.called_aet,
             user_identity=rq.user_identity,
         )
-        details = RequestDetails(
-            method=self.name,
-            uri=f"dicom://{rq.called_aet}/{self.kind}",
-            path=self.kind,
-            full_path=self.kind,
-            headers=Headers(),
-            client=(getattr(peer, "host", None), getattr(peer, "port", None)),
-            scheme="dicom",
-        )
-        envelope = RequestEnvelope(details=details, dicom=request)
-        envelope.metadata.update(
-            {"protocol": "dimse", "calling_aet": rq.calling_aet, "called_aet": rq.called_aet, "level": level}
-        )
+        metadata = {"level": level}
         if self.kind == "move":
-            envelope.metadata["move_destination"] = self.move_destination
-        return envelope
+            metadata["move_destination"] = self.move_destination
+        return request_envelope(self.association, self.name, self.kind, request, **metadata)
 
     # -- the backend's answer -----------------------------------------------
 

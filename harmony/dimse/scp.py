@@ -28,6 +28,7 @@ from harmony.dimse import messages, pdu
 from harmony.dimse.association import Association, AssociationSettings
 from harmony.dimse.negotiation import AcceptorPolicy, negotiate_as_acceptor
 from harmony.dimse.scu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from harmony.envelope import Headers, RequestDetails, RequestEnvelope
 from harmony.logs import logger
 
 log = logger("harmony.dimse.scp")
@@ -145,6 +146,31 @@ class DicomServerFactory(Factory):
 
     def ended(self, association):
         self.active.discard(association)
+
+
+def request_envelope(association, method, path, request, **metadata):
+    """
+    The envelope of a DIMSE request received on an association this
+    process accepted: details C{dicom://<called AE>/<path>} from the peer's
+    address, the L{harmony.envelope.DicomRequest}, and metadata
+    C{protocol}, C{calling_aet}, C{called_aet} plus C{metadata}.
+    """
+    rq = association.rq
+    peer = association.peer
+    details = RequestDetails(
+        method=method,
+        uri=f"dicom://{rq.called_aet}/{path}",
+        path=path,
+        full_path=path,
+        headers=Headers(),
+        client=(getattr(peer, "host", None), getattr(peer, "port", None)),
+        scheme="dicom",
+    )
+    envelope = RequestEnvelope(details=details, dicom=request)
+    envelope.metadata.update(
+        {"protocol": "dimse", "calling_aet": rq.calling_aet, "called_aet": rq.called_aet}, **metadata
+    )
+    return envelope
 
 
 def _peer(association):

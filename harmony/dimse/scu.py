@@ -434,7 +434,7 @@ class ClientAssociation:
             header.sop_class_uid,
             header.sop_instance_uid,
             context.transfer_syntax,
-            _file_chunks(path, header.dataset_offset, chunk_size),
+            file_chunks(path, header.dataset_offset, chunk_size),
             priority=priority,
             move_originator=move_originator,
         )
@@ -1301,7 +1301,7 @@ def read_part10_header(source):
         raise ValueError("incomplete file meta information (SOP class, instance or transfer syntax missing)") from None
 
 
-def _file_chunks(path, offset, chunk_size):
+def file_chunks(path, offset, chunk_size):
     """
     The bytes of a file from C{offset}, lazily, in chunks.
     """

@@ -17,8 +17,9 @@ from twisted.internet.defer import CancelledError
 
 from harmony.dimse import messages
 from harmony.dimse import status as dimse_status
+from harmony.dimse.scp import request_envelope
 from harmony.dimse.scu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from harmony.envelope import DicomInstance, DicomRequest, Headers, RequestDetails, RequestEnvelope
+from harmony.envelope import DicomInstance, DicomRequest
 from harmony.logs import logger
 from harmony.storage.dicom import NeedMoreData, file_meta, layout_path, uids_from_dataset_prefix
 from harmony.streams import Stream
@@ -295,7 +296,6 @@ class _StoreOperation:
     def _envelope(self, stored):
         association = self.association
         rq = association.rq
-        peer = association.peer
         instance = DicomInstance(
             sop_class_uid=self.sop_class_uid,
             sop_instance_uid=self.sop_instance_uid,
@@ -305,15 +305,6 @@ class _StoreOperation:
             size=stored.size,
             path=stored.path,
         )
-        details = RequestDetails(
-            method="C-STORE",
-            uri=f"dicom://{rq.called_aet}/store",
-            path="store",
-            full_path="store",
-            headers=Headers(),
-            client=(getattr(peer, "host", None), getattr(peer, "port", None)),
-            scheme="dicom",
-        )
         request = DicomRequest(
             operation="store",
             calling_aet=rq.calling_aet,
@@ -321,16 +312,7 @@ class _StoreOperation:
             instances=Stream.from_iterable([instance]),
             user_identity=rq.user_identity,
         )
-        envelope = RequestEnvelope(details=details, dicom=request)
-        envelope.metadata.update(
-            {
-                "protocol": "dimse",
-                "calling_aet": rq.calling_aet,
-                "called_aet": rq.called_aet,
-                "stored_relpath": stored.relpath,
-            }
-        )
-        return envelope
+        return request_envelope(association, "C-STORE", "store", request, stored_relpath=stored.relpath)
 
     def _pipeline_done(self, response):
         result = response.dicom
