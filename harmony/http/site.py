@@ -183,10 +183,11 @@ class HarmonyRequest(server.Request):
         return getattr(site, "max_body_size", None)
 
     def gotLength(self, length):
-        limit = self._limit()
-        if limit is not None and length is not None and length > limit:
-            self._refuse()
-            return
+        if length:  # no body (most GETs): no limit to look up
+            limit = self._limit()
+            if limit is not None and length > limit:
+                self._refuse()
+                return
         super().gotLength(length)
 
     def handleContentChunk(self, data):
