@@ -111,6 +111,19 @@ class RouteTable:
     def routes(self):
         return tuple(self._routes)
 
+    def owner(self, path):
+        """
+        The route whose prefix covers C{path} (longest first), whatever the
+        method: the endpoint that renders errors found before a route is
+        chosen (e.g. a FHIR endpoint answers with an OperationOutcome).
+
+        @return: a route or C{None}.
+        """
+        for route in self._routes:
+            if route.relative(path) is not None:
+                return route
+        return None
+
     def resolve(self, method, path):
         """
         Find the route for a request.

@@ -21,6 +21,7 @@ import tempfile
 import time
 from io import BytesIO
 
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -73,10 +74,23 @@ class NetworkResource(Resource):
     def render(self, request):
         path = request.path.decode("latin-1")
         method = request.method.decode("latin-1")
+        route = None
         try:
             route, relative = self.routes.resolve(method, path)
             envelope = self.adapter.to_envelope(request, route, relative)
         except HarmonyError as e:
+            # In the protocol of the endpoint that owns the path, when one
+            # does (a FHIR endpoint answers with an OperationOutcome).
+            owner = route or self.routes.owner(path)
+            if owner is not None:
+                try:
+                    response = owner.endpoint.render_error(e)
+                except Exception:
+                    log.failure("Rendering an error for endpoint {endpoint} failed", endpoint=owner.endpoint.name)
+                    return json_error(request, e)
+                d = defer.maybeDeferred(self.adapter.write_response, request, response)
+                d.addErrback(self._failed, request, owner)
+                return server.NOT_DONE_YET
             return json_error(request, e)
         except Exception:
             log.failure("Unexpected error on network {network}", network=self.network)

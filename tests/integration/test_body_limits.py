@@ -471,3 +471,17 @@ def test_413_in_the_endpoints_protocol(port):
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome"
     assert outcome["issue"][0]["code"] == "too-costly"
+
+
+def test_errors_before_the_pipeline_in_the_owning_endpoints_protocol(port):
+    # Dot segments are refused before a route is chosen: the FHIR endpoint
+    # owning the prefix still answers with an OperationOutcome ...
+    response = request(port, "GET", "/fhir/Patient/../Observation")
+    assert response.status == 400, response
+    assert response.header("content-type").startswith("application/fhir+json")
+    assert response.json()["resourceType"] == "OperationOutcome"
+    # ... an HTTP endpoint with its JSON error, and no endpoint with Harmony's.
+    response = request(port, "GET", "/raw/a/../b")
+    assert (response.status, response.json()["error"]) == (400, "bad_request")
+    response = request(port, "GET", "/nowhere")
+    assert (response.status, response.json()["error"]) == (404, "not_found")

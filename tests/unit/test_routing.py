@@ -163,3 +163,22 @@ class FixedRouteTests(SynchronousTestCase):
         self.assertEqual(e.allowed, ("GET", "POST"))
         e = self.assertRaises(MethodNotAllowed, t.resolve, "DELETE", "/dicomweb/status")
         self.assertEqual(e.allowed, ("GET",))
+
+
+class OwnerTests(SynchronousTestCase):
+    """
+    RouteTable.owner: the endpoint whose prefix covers a path, whatever the
+    method or the path's dot segments (it renders errors found before a
+    route is chosen).
+    """
+
+    def test_longest_prefix_owns(self):
+        t = table(route("/", "root"), route("/fhir", "fhir", methods=("GET",)), route("/fhir/admin", "admin"))
+        self.assertEqual(t.owner("/fhir/Patient/../x").endpoint.name, "fhir")
+        self.assertEqual(t.owner("/fhir/admin/y").endpoint.name, "admin")
+        self.assertEqual(t.owner("/other").endpoint.name, "root")
+
+    def test_no_owner(self):
+        t = table(route("/fhir", "fhir"))
+        self.assertIsNone(t.owner("/fhirx"))
+        self.assertIsNone(t.owner("/"))
