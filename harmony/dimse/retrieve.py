@@ -26,8 +26,7 @@ Data sets are streamed from the files, never read whole; each instance's
 C{dispose} is called once it has been sent (or given up).
 """
 
-import os
-import tempfile
+import uuid
 
 from pydicom.dataset import Dataset
 from twisted.internet import defer
@@ -86,7 +85,8 @@ class RetrieveService:
     @param max_failed_uids: cap of the Failed SOP Instance UID List.
     """
 
-    def __init__(self, pipeline, kind, destinations=None, client=None, max_failed_uids=MAX_FAILED_UIDS):
+    def __init__(self, pipeline, kind, destinations=None, client=None, max_failed_uids=MAX_FAILED_UIDS,
+                 storage=None):
         if kind not in _KINDS:
             raise ValueError(f"kind must be 'get' or 'move', not {kind!r}")
         if kind == "move" and client is None:
@@ -96,6 +96,9 @@ class RetrieveService:
         self.destinations = {aet.strip(): address for aet, address in (destinations or {}).items()}
         self.client = client
         self.max_failed_uids = max_failed_uids
+        #: Where instances a backend gives only as a stream are spooled
+        #: before being sent (an L{harmony.storage.interfaces.IStorage}).
+        self.storage = storage
 
     def start(self, association, context, command):
         operation = _RetrieveOperation(self, association, context, command)
@@ -114,14 +117,14 @@ class _Source:
     from a file (read lazily in chunks) or from memory.
     """
 
-    def __init__(self, header, path=None, data=None, temporary=False):
+    def __init__(self, header, path=None, data=None, cleanup=None):
         self.sop_class_uid = header.sop_class_uid
         self.sop_instance_uid = header.sop_instance_uid
         self.transfer_syntax = header.transfer_syntax
         self._offset = header.dataset_offset
         self._path = path
         self._data = data
-        self._temporary = temporary
+        self._cleanup = cleanup
         self._open = []
 
     def chunks(self):
@@ -138,20 +141,19 @@ class _Source:
         for chunks in self._open:
             chunks.close()
         self._open = []
-        if self._temporary:
-            try:
-                os.unlink(self._path)
-            except OSError:
-                pass
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            cleanup()
 
 
-async def _open_source(instance):
+async def _open_source(instance, storage):
     """
     The L{_Source} of an instance: its file (C{path}), or its Part 10
-    bytes (C{data}: bytes, or a L{Stream} spooled to a temporary file).
+    bytes (C{data}: bytes, or a L{Stream} spooled into C{storage}).
 
-    @raise ValueError: no data, or not a Part 10 file.
-    @raise OSError: the file cannot be read.
+    @raise ValueError: no data, not a Part 10 file, or a stream and no
+        storage to spool it.
+    @raise OSError: the file cannot be read or written.
     """
     if instance.path:
         return _Source(read_part10_header(instance.path), path=instance.path)
@@ -159,33 +161,24 @@ async def _open_source(instance):
     if isinstance(data, (bytes, bytearray, memoryview)):
         return _Source(read_part10_header(data), data=data)
     if isinstance(data, Stream):
-        path = await _spool(data)
+        if storage is None:
+            data.cancel()
+            raise ValueError("a streamed instance and no storage to spool it")
+        relpath = f"relay/{uuid.uuid4().hex}.dcm"
+        stored = await storage.write_stream(relpath, data)
+
+        def cleanup():
+            try:
+                storage.discard(relpath)
+            except OSError:
+                pass
+
         try:
-            return _Source(read_part10_header(path), path=path, temporary=True)
+            return _Source(read_part10_header(stored.path), path=stored.path, cleanup=cleanup)
         except (OSError, ValueError):
-            os.unlink(path)
+            cleanup()
             raise
     raise ValueError("an instance without a file or data")
-
-
-async def _spool(stream):
-    """
-    Write a streamed Part 10 file into a temporary file (small sequential
-    writes into the page cache) so that it can be sent with backpressure.
-    """
-    fd, path = tempfile.mkstemp(prefix="harmony-relay-", suffix=".dcm")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            while True:
-                chunk = await stream.read()
-                if chunk is EOF:
-                    break
-                f.write(chunk)
-    except BaseException:
-        stream.cancel()
-        os.unlink(path)
-        raise
-    return path
 
 
 def _dispose(instance):
@@ -436,7 +429,7 @@ class _RetrieveOperation:
         Send one instance: C{(status, error comment)} of its C-STORE.
         """
         try:
-            source = await _open_source(instance)
+            source = await _open_source(instance, self.service.storage)
         except (OSError, ValueError) as e:
             log.warn("An instance to relay cannot be read: {error}", error=e.__class__.__name__)
             return _NOT_SENT, "An instance could not be read"

@@ -244,10 +244,14 @@ class DicomScpEndpoint:
         )
         services = []
         handlers = {}
-        if options.enable_store:
+        storage = None
+        if options.enable_store or options.enable_get or options.enable_move:
+            # Received instances (store) and relayed ones a backend gives
+            # only as a stream (get/move) are written here.
             storage = FilesystemStorage(self.storage_dir(), reactor=reactor)
             storage.setName(f"storage:{self.name}")
             services.append(storage)
+        if options.enable_store:
             # A pipeline with neither middleware nor backends only stores.
             busy = executor.backends or executor.request_chain or executor.response_chain
             handlers[messages.C_STORE_RQ] = StoreService(
@@ -260,7 +264,7 @@ class DicomScpEndpoint:
         if options.enable_find:
             handlers[messages.C_FIND_RQ] = FindService((executor, self))
         if options.enable_get:
-            handlers[messages.C_GET_RQ] = RetrieveService((executor, self), "get")
+            handlers[messages.C_GET_RQ] = RetrieveService((executor, self), "get", storage=storage)
         if options.enable_move:
             client = DicomClient(
                 reactor,
@@ -274,7 +278,8 @@ class DicomScpEndpoint:
                 dimse_timeout=options.dimse_timeout_secs,
             )
             handlers[messages.C_MOVE_RQ] = RetrieveService(
-                (executor, self), "move", destinations=dict(options.move_destinations), client=client
+                (executor, self), "move", destinations=dict(options.move_destinations), client=client,
+                storage=storage,
             )
         factory = DicomServerFactory(reactor, self.policy(), settings, handlers, enable_echo=options.enable_echo)
         description = f"tcp:port={options.port}:interface={endpoints.quoteStringArgument(options.bind_addr)}"

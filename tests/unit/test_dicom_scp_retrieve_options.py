@@ -242,8 +242,11 @@ def test_services_register_the_retrieve_services(tmp_path):
     )
     reactor = MemoryReactorClock()
     executor = Executor()
-    [listener] = endpoint.services(executor, reactor)
+    storage, listener = endpoint.services(executor, reactor)
     services = listener.factory.services
+    # Relayed instances given only as a stream are spooled in the endpoint's storage.
+    assert services[messages.C_GET_RQ].storage is storage is services[messages.C_MOVE_RQ].storage
+    assert storage.root == endpoint.storage_dir()
     assert set(services) == {messages.C_GET_RQ, messages.C_MOVE_RQ}
     get, move = services[messages.C_GET_RQ], services[messages.C_MOVE_RQ]
     assert isinstance(get, RetrieveService) and isinstance(move, RetrieveService)
@@ -274,7 +277,7 @@ def test_get_role_accepted_and_store_still_refused(tmp_path):
     """
     endpoint = make(tmp_path, 'local_aet = "HARMONY"\nenable_get = true\n')
     reactor = MemoryReactorClock()
-    [listener] = endpoint.services(Executor(), reactor)
+    _, listener = endpoint.services(Executor(), reactor)
     client = DicomClient(reactor, "GETSCU")
     association, pump = _connect(
         reactor, listener, client.associate_for_get("127.0.0.1", 11112, "HARMONY", [(CT, [EXPLICIT])])
@@ -312,7 +315,7 @@ def test_get_through_the_endpoint(tmp_path):
     )
     instances.finish()
     executor.result = DicomResult(status=None, instances=instances, done=defer.succeed((0x0000, None)))
-    [listener] = endpoint.services(executor, reactor)
+    _, listener = endpoint.services(executor, reactor)
     client = DicomClient(reactor, "GETSCU")
     association, pump = _connect(
         reactor,

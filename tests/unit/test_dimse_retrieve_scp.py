@@ -199,9 +199,13 @@ class Relay:
         self.harmony_client = DicomClient(self.reactor, "HARMONY", AssociationSettings(max_pdu_length=4096),
                                           dimse_timeout=20)
         pipeline = (self.executor, "endpoint")
-        self.get_service = RetrieveService(pipeline, "get")
+        # Streamed instances are spooled here (fsync off: commits on the
+        # calling thread).
+        self.spool = FilesystemStorage(str(tmp_path / "relay-spool"), reactor=self.reactor)
+        self.get_service = RetrieveService(pipeline, "get", storage=self.spool)
         self.move_service = RetrieveService(
-            pipeline, "move", destinations=destinations or {"DEST": ("dest.example", 104)}, client=self.harmony_client
+            pipeline, "move", destinations=destinations or {"DEST": ("dest.example", 104)}, client=self.harmony_client,
+            storage=self.spool,
         )
         self.factory = DicomServerFactory(
             self.reactor,
@@ -336,11 +340,24 @@ def test_get_relays_every_instance_byte_identical(relay):
         assert same_dataset(pydicom.dcmread(instance.path), relay.files.originals[instance.sop_instance_uid])
     assert received == [i.sop_instance_uid for i in instances]
     assert sorted(relay.files.disposed) == sorted(received)
+    # The streamed one was spooled in the storage, and removed once sent.
+    assert _listed(relay.spool) == []
     # One pending response per sub-operation; what remains is estimated
     # from what was already received (no upstream counts here).
     assert [(p["completed"], p["failed"], p["warning"]) for p in relay.progress] == [(1, 0, 0), (2, 0, 0), (3, 0, 0)]
     assert [p["remaining"] for p in relay.progress] == [1, 1, 0]
     assert relay.server_protocol.operations == {}
+
+
+def _listed(storage):
+    """What a storage holds (synchronous walk; temporary files left out)."""
+    import os
+
+    found = []
+    for directory, dirs, names in os.walk(storage.root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += names
+    return found
 
 
 def test_get_patient_root_model(relay):
