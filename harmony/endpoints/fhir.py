@@ -73,15 +73,13 @@ import re
 import time
 from datetime import datetime, timezone
 
-from zope.interface import implementer
-
 import harmony
 from harmony.backends import fhir as fhir_backend
 from harmony.config.schema import REQUIRED, Field, Int, Schema, Str
+from harmony.endpoints.http import HttpEndpoint
 from harmony.envelope import ResponseEnvelope, body_length, media_type
 from harmony.errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
-from harmony.http.routing import ALL_METHODS, Route, check_prefix
-from harmony.interfaces import IEndpoint
+from harmony.http.routing import check_prefix
 from harmony.registry import ServiceType
 
 OPTIONS = Schema(
@@ -372,27 +370,17 @@ def accept_for_format(values):
     raise BadRequest("Unsupported _format: expected json, xml, ttl, html or a media type")
 
 
-@implementer(IEndpoint)
-class FhirEndpoint:
+class FhirEndpoint(HttpEndpoint):
     """
-    A FHIR RESTful API entry under C{options.path_prefix}.
+    A FHIR RESTful API entry under C{options.path_prefix} (routes as the
+    C{http} endpoint's; FHIR request checks and OperationOutcome errors).
     """
 
     service_type = "fhir"
 
     def __init__(self, name, options, context=None):
-        self.name = name
-        self.options = options
+        HttpEndpoint.__init__(self, name, options, context)
         self._reactor = getattr(context, "reactor", None)
-
-    def http_routes(self):
-        return [Route(self.options.path_prefix, self, None, ALL_METHODS)]
-
-    def listen_addresses(self):
-        return []
-
-    def services(self, executor, reactor):
-        return []
 
     def incoming(self, envelope):
         details = envelope.details
