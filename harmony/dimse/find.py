@@ -10,7 +10,7 @@ from twisted.internet import defer
 
 from harmony.dimse import messages
 from harmony.dimse import status as dimse_status
-from harmony.dimse.scp import request_envelope
+from harmony.dimse.scp import QueryOperation, request_envelope
 from harmony.dimse.scu import FIND_MODELS, decode_identifier, encode_identifier, received_encoding
 from harmony.envelope import DicomRequest
 from harmony.logs import logger
@@ -26,9 +26,6 @@ UNABLE_TO_PROCESS = 0xC000
 OUT_OF_RESOURCES = 0xA700
 
 _MODEL_OF = {uid: name for name, uid in FIND_MODELS.items()}
-
-#: Largest request identifier accepted (it is decoded in memory).
-MAX_QUERY = 1024 * 1024
 
 
 class FindService:
@@ -55,7 +52,9 @@ class FindService:
         return operation
 
 
-class _FindOperation:
+class _FindOperation(QueryOperation):
+    _query_too_large = "Query identifier too large"
+
     def __init__(self, service, association, context, command):
         self.service = service
         self.association = association
@@ -68,17 +67,8 @@ class _FindOperation:
         self._matches = None
         self._answered = False
         self._cancelled = False
-        self._held = False
 
     # -- the request identifier ---------------------------------------------
-
-    def fragment(self, data):
-        if self._query is None:
-            return
-        self._query += data
-        if len(self._query) > MAX_QUERY:
-            self._query = None
-            self.answer(OUT_OF_RESOURCES, "Query identifier too large")
 
     def finish(self):
         if self._query is None or self._answered:
@@ -98,8 +88,7 @@ class _FindOperation:
             return
         executor, endpoint = self.service.pipeline
         # The requestor waits for our responses: not idle meanwhile.
-        self._held = True
-        self.association.hold()
+        self._hold()
         d = executor.execute(endpoint, self._envelope(identifier, level))
         d.addCallback(self._respond)
         d.addErrback(self._failed)
@@ -215,11 +204,6 @@ class _FindOperation:
         if self._matches is not None:
             self._matches.cancel()
         self.answer(CANCEL)
-
-    def _release_hold(self):
-        if self._held:
-            self._held = False
-            self.association.release_hold()
 
     def aborted(self, association):
         self._release_hold()

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from harmony.dimse import messages
 from harmony.dimse import status as dimse_status
 from harmony.dimse.association import AssociationAborted
-from harmony.dimse.scp import request_envelope
+from harmony.dimse.scp import QueryOperation, request_envelope
 from harmony.dimse.scu import (
     GET_MODELS,
     MOVE_MODELS,
@@ -52,8 +52,6 @@ from harmony.streams import EOF, Stream, StreamCancelled
 
 log = logger("harmony.dimse.retrieve")
 
-#: The largest request identifier accepted (it is decoded in memory).
-MAX_QUERY = 1024 * 1024
 #: At most this many UIDs in the final response's Failed SOP Instance UID List.
 MAX_FAILED_UIDS = 1000
 #: At most this many presentation contexts are proposed to a destination.
@@ -208,7 +206,7 @@ class _DestinationDown(Exception):
     """
 
 
-class _RetrieveOperation:
+class _RetrieveOperation(QueryOperation):
     """
     One C-GET or C-MOVE being answered.
     """
@@ -237,18 +235,9 @@ class _RetrieveOperation:
         self._down = None  # why the move destination is unavailable
         self._comment = None  # why the last sub-operation failed
         self._pending_rsp = None  # C-GET: the C-STORE-RSP awaited
-        self._held = False  # the association's idle timer is held for us
         self._destination = None  # C-MOVE: the _Destination
 
     # -- the request identifier -------------------------------------------
-
-    def fragment(self, data):
-        if self._query is None:
-            return
-        self._query += data
-        if len(self._query) > MAX_QUERY:
-            self._query = None
-            self.answer(dimse_status.OUT_OF_RESOURCES, "Identifier too large")
 
     def finish(self):
         if self._query is None or self._answered:
@@ -273,8 +262,7 @@ class _RetrieveOperation:
         self._phase = "pipeline"
         # The requestor sends nothing until our final response (a C-MOVE
         # can take long): not idle meanwhile.
-        self._held = True
-        self.association.hold()
+        self._hold()
         d = defer.maybeDeferred(executor.execute, endpoint, self._envelope(identifier, level))
         d.addCallback(self._respond)
         d.addErrback(self._failed)
@@ -641,11 +629,6 @@ class _RetrieveOperation:
             self._instances.cancel()
         if self._phase in ("request", "pipeline", "upstream_end"):
             self._final(dimse_status.CANCEL)
-
-    def _release_hold(self):
-        if self._held:
-            self._held = False
-            self.association.release_hold()
 
     def aborted(self, association):
         """

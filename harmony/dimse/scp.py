@@ -148,6 +148,44 @@ class DicomServerFactory(Factory):
         self.active.discard(association)
 
 
+#: Largest request identifier accepted by a query/retrieve service (it is
+#: decoded in memory).
+MAX_QUERY = 1024 * 1024
+
+
+class QueryOperation:
+    """
+    What C-FIND, C-GET and C-MOVE operations answered through a pipeline
+    share: the request identifier collected (bounded by L{MAX_QUERY}) and
+    the association's idle timer held while the pipeline works (the
+    requestor rightly sends nothing until the final response).
+
+    Subclasses set C{association}, C{_query} (a C{bytearray}) and define
+    C{answer(status, comment)}.
+    """
+
+    _held = False
+    _query_too_large = "Identifier too large"
+
+    def fragment(self, data):
+        if self._query is None:
+            return
+        self._query += data
+        if len(self._query) > MAX_QUERY:
+            self._query = None
+            self.answer(0xA700, self._query_too_large)  # Refused: Out of Resources
+
+    def _hold(self):
+        if not self._held:
+            self._held = True
+            self.association.hold()
+
+    def _release_hold(self):
+        if self._held:
+            self._held = False
+            self.association.release_hold()
+
+
 def request_envelope(association, method, path, request, **metadata):
     """
     The envelope of a DIMSE request received on an association this
