@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from harmony.dimse import status as dimse_status
 from harmony.dimse.association import AssociationAborted, AssociationSettings
+from harmony.dimse.pool import release_quietly
 from harmony.dimse.scu import GET_MODELS, MOVE_MODELS, DimseTimeout, suboperation_counts
 from harmony.envelope import DicomResult
 from harmony.errors import BadRequest, UpstreamUnavailable
@@ -126,7 +127,7 @@ class Retriever:
                 request.identifier, model, request.priority or 0, storage=storage, layout=layout
             )
         except (LookupError, ValueError) as e:
-            await _release(association)
+            await release_quietly(association)
             settle.fail()
             raise BadRequest(f"The PACS cannot retrieve this query: {e}")
         result = DicomResult(status=None, done=defer.Deferred())
@@ -136,7 +137,7 @@ class Retriever:
         def ended(outcome):
             if not isinstance(outcome, Failure):
                 update_counts(result, suboperation_counts(outcome.fields))
-            defer.ensureDeferred(_release(association))
+            release_quietly(association)
             settle.operation_ended()
             result.done.callback(final_of(outcome, "retrieve"))
 
@@ -168,7 +169,7 @@ class Retriever:
         except (LookupError, ValueError) as e:
             incoming.fail(e)
             self._drop_listener()
-            await _release(association)
+            await release_quietly(association)
             settle.fail()
             raise BadRequest(f"The PACS cannot retrieve this query: {e}")
         # Sub-operations restart the move's DIMSE timer; a slow consumer
@@ -184,7 +185,7 @@ class Retriever:
             else:
                 update_counts(result, suboperation_counts(outcome.fields))
                 incoming.finish()
-            defer.ensureDeferred(_release(association))
+            release_quietly(association)
             self._drop_listener()
             settle.operation_ended()
             result.done.callback(final_of(outcome, "retrieve"))
@@ -206,12 +207,12 @@ class Retriever:
         try:
             operation = association.move(request.identifier, destination, model, request.priority or 0)
         except (LookupError, ValueError) as e:
-            await _release(association)
+            await release_quietly(association)
             raise BadRequest(f"The PACS cannot move this query: {e}")
         try:
             return await operation.result
         finally:
-            defer.ensureDeferred(_release(association))
+            release_quietly(association)
 
     # -- our store SCP for moves ----------------------------------------------
 
@@ -352,11 +353,6 @@ def _query_syntaxes():
     return [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
 
 
-async def _release(association):
-    try:
-        await association.release()
-    except Exception:
-        pass
 
 
 def _with_dispose(instances, dispose, on_cancel=None, settle=None):

@@ -26,7 +26,7 @@ from harmony.dimse import status as dimse_status
 from harmony.dimse.association import AssociationAborted, AssociationRejected, AssociationSettings
 from harmony.dimse.messages import VERIFICATION_SOP_CLASS
 from harmony.dimse.pdu import validate_ae_title
-from harmony.dimse.pool import AssociationPool, pool_key
+from harmony.dimse.pool import AssociationPool, pool_key, release_quietly
 from harmony.dimse.scu import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     FIND_MODELS,
@@ -397,10 +397,10 @@ class DicomScuBackend:
         try:
             operation = association.find(request.identifier, model, request.priority or 0)
         except LookupError:
-            await _release(association)
+            await release_quietly(association)
             raise UpstreamUnavailable("The PACS does not accept this query model")
         except ValueError as e:
-            await _release(association)
+            await release_quietly(association)
             raise BadRequest(f"Invalid query: {e}")
 
         done = defer.Deferred()
@@ -660,7 +660,7 @@ class DicomScuBackend:
         if key is not None:
             self._pool.give(key, association)
         else:
-            defer.ensureDeferred(_release(association))
+            release_quietly(association)
 
     async def _echo(self, user_identity=None):
         while True:
@@ -738,11 +738,6 @@ class _StaleAssociation(Exception):
     """
 
 
-async def _release(association):
-    try:
-        await association.release()
-    except Exception:
-        pass
 
 
 def _counts(fields):

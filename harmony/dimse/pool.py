@@ -55,7 +55,7 @@ class AssociationPool:
                 timer.cancel()
             if association.reusable:
                 return association
-            _release(association)
+            release_quietly(association)
         return None
 
     def give(self, key, association):
@@ -64,11 +64,11 @@ class AssociationPool:
         idle (else release it).
         """
         if self._closed or not self.idle_timeout or not association.reusable:
-            _release(association)
+            release_quietly(association)
             return
         entries = self._idle.setdefault(key, [])
         if len(entries) >= self.max_idle:
-            _release(association)
+            release_quietly(association)
             return
         timer = self.clock.callLater(self.idle_timeout, self._expire, key, association)
         entries.append((association, timer))
@@ -81,7 +81,7 @@ class AssociationPool:
                 break
         if not entries:
             self._idle.pop(key, None)
-        _release(association)
+        release_quietly(association)
 
     @property
     def idle(self):
@@ -103,11 +103,17 @@ class AssociationPool:
             for association, timer in entries:
                 if timer.active():
                     timer.cancel()
-                ds.append(_release(association))
+                ds.append(release_quietly(association))
         return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
 
 
-def _release(association):
+def release_quietly(association):
+    """
+    Release an association, ignoring how that ends (it may be gone
+    already).
+
+    @return: Deferred[None]
+    """
     d = defer.maybeDeferred(association.release)
     d.addErrback(lambda f: None)
     return d
