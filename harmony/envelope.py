@@ -269,6 +269,10 @@ class DicomResult:
         Deferred firing with C{(status, error_comment)} once the operation
         has ended (read the stream to its end first); C{None} when
         C{status} is final already.
+    @ivar instance_statuses: for store: one C{(sop_class_uid,
+        sop_instance_uid, status, error_comment)} per instance, in the
+        order given (C{status} is that instance's DIMSE status; C{status}
+        above is the first failure, or success).
     """
 
     status = attr.ib(default=0x0000)
@@ -280,6 +284,7 @@ class DicomResult:
     warning = attr.ib(default=None)
     remaining = attr.ib(default=None)
     done = attr.ib(default=None)
+    instance_statuses = attr.ib(default=None)
 
 
 _UNPARSED = object()

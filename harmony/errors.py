@@ -67,6 +67,23 @@ class MethodNotAllowed(HarmonyError):
         super().__init__(message, headers)
 
 
+class NotAcceptable(HarmonyError):
+    """
+    None of the representations the client accepts can be produced (e.g. a
+    DICOMweb transfer syntax Harmony cannot convert to).
+    """
+
+    status = 406
+    error = "not_acceptable"
+    default_message = "Not acceptable"
+
+
+class Conflict(HarmonyError):
+    status = 409
+    error = "conflict"
+    default_message = "Conflict"
+
+
 class PayloadTooLarge(HarmonyError):
     status = 413
     error = "payload_too_large"

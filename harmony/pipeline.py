@@ -170,14 +170,34 @@ class PipelineExecutor:
                 i += 1
             if i == len(chain):
                 break
-            result = chain[i].response(envelope, response)
+            try:
+                result = chain[i].response(envelope, response)
+            except Exception:
+                return self._response_hook_failed(Failure(), endpoint, envelope)
             i += 1
             if isinstance(result, defer.Deferred):
-                return result.addCallback(
+                return result.addCallbacks(
                     lambda r, i=i, response=response: self._response_hooks(
                         response, i, endpoint, envelope, entered, short_circuit, r
-                    )
+                    ),
+                    self._response_hook_failed,
+                    errbackArgs=(endpoint, envelope),
                 )
+        return _then(endpoint.outgoing(envelope, response), _same)
+
+    def _response_hook_failed(self, failure, endpoint, envelope):
+        """
+        A response hook failed (e.g. a bridge found, rendering a result,
+        that there was nothing to answer with): the endpoint renders the
+        error and its outgoing hook runs (CORS headers); the remaining
+        response hooks do not.
+        """
+        if failure.check(defer.CancelledError):
+            return failure
+        response = self._render(failure, endpoint)
+        response.metadata.setdefault(
+            "error", failure.value.error if failure.check(HarmonyError) else InternalError.error
+        )
         return _then(endpoint.outgoing(envelope, response), _same)
 
     def _may_fail_over(self, envelope):

@@ -208,14 +208,17 @@ def builtin_registry():
     A registry with Harmony's own types only.
     """
     from harmony.backends import dicom_scu
+    from harmony.backends import dicomweb as dicomweb_backend
     from harmony.backends import echo as echo_backend
     from harmony.backends import http as http_backend
     from harmony.endpoints import dicom_scp
+    from harmony.endpoints import dicomweb as dicomweb_endpoint
     from harmony.endpoints import fhir as fhir_endpoint
     from harmony.endpoints import http as http_endpoint
     from harmony.middleware import (
         basic_auth,
         cors,
+        dicomweb_bridge,
         header,
         json_extractor,
         jwt_auth,
@@ -261,6 +264,15 @@ def builtin_registry():
         )
     )
     registry.add_service(fhir_endpoint.SERVICE_TYPE)
+    registry.add_service(
+        ServiceType(
+            name="dicomweb",
+            endpoint_factory=dicomweb_endpoint.DicomwebEndpoint,
+            endpoint_options=dicomweb_endpoint.OPTIONS,
+            backend_factory=dicomweb_backend.DicomwebBackend,
+            backend_options=dicomweb_backend.OPTIONS,
+        )
+    )
     registry.add_middleware(MiddlewareType("passthru", passthru.Passthru))
     registry.add_middleware(MiddlewareType("connect", passthru.Passthru))
     registry.add_middleware(jwt_auth.MIDDLEWARE_TYPE)
@@ -268,6 +280,9 @@ def builtin_registry():
     registry.add_middleware(MiddlewareType("path_filter", path_filter.PathFilter, path_filter.OPTIONS))
     registry.add_middleware(MiddlewareType("header", header.HeaderMiddleware, header.OPTIONS))
     registry.add_middleware(MiddlewareType("cors", cors.CorsMiddleware, cors.OPTIONS))
+    registry.add_middleware(
+        MiddlewareType("dicomweb_bridge", dicomweb_bridge.DicomwebBridge, dicomweb_bridge.OPTIONS)
+    )
     registry.add_middleware(MiddlewareType("log_dump", log_dump.LogDump, log_dump.OPTIONS))
     registry.add_middleware(MiddlewareType("json_extractor", json_extractor.JsonExtractor, json_extractor.OPTIONS))
     registry.add_middleware(MiddlewareType("transform", transform.TransformMiddleware, transform.OPTIONS))

@@ -358,8 +358,14 @@ class DicomScuBackend:
             failed = [r for r in results if dimse_status.is_failure(r[1].status)]
             if failed:
                 _, result = failed[0]
-                return _dimse_response(result.status, result.error_comment or "Forwarding to the PACS failed")
-            return _dimse_response(dimse_status.SUCCESS, None)
+                response = _dimse_response(result.status, result.error_comment or "Forwarding to the PACS failed")
+            else:
+                response = _dimse_response(dimse_status.SUCCESS, None)
+            response.dicom.instance_statuses = [
+                (instance.sop_class_uid, instance.sop_instance_uid, status.status, status.error_comment)
+                for instance, status in results
+            ]
+            return response
         if request.operation == "find":
             return await self._find(request)
         if request.operation in ("get", "move"):

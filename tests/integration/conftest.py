@@ -239,3 +239,153 @@ def fhir_server(tmp_path_factory):
     server = FhirServer(tmp_path_factory.mktemp("fhir-server")).start()
     yield server
     server.stop()
+
+
+# -- DICOMweb (tests/integration/test_dicomweb_*.py) ------------------------------------
+
+#: The session's DICOMweb test data set: study key -> (StudyDate, series
+#: key -> [pydicom test file, ...]).  Study "ctmr" has a CT series of two
+#: instances and an MR series; "dose" is rtdose.dcm (15 frames, implicit
+#: VR LE); "sc" has an RLE series (2 RGB frames) and an uncompressed RGB one.
+DICOMWEB_LAYOUT = {
+    "ctmr": ("20230105", {"ct": ["CT_small.dcm", "CT_small.dcm"], "mr": ["MR_small.dcm"]}),
+    "dose": ("20230210", {"dose": ["rtdose.dcm"]}),
+    "sc": ("20230315", {"rle": ["SC_rgb_rle_2frame.dcm"], "rgb": ["SC_rgb_small_odd.dcm"]}),
+}
+
+
+@pytest.fixture(scope="session")
+def dicomweb_data(orthanc, tmp_path_factory):
+    """
+    L{DICOMWEB_LAYOUT} with fresh Study/Series/SOP Instance UIDs, one
+    patient of this session's own (C{.patient}, name C{.patient_name}),
+    stored into the session's Orthanc through its REST API (each file in
+    its original transfer syntax).
+
+    C{.studies}: key -> namespace(uid, date, series: key -> uid);
+    C{.files}: SOP Instance UID -> path of the file stored;
+    C{.source}: SOP Instance UID -> pydicom test file name;
+    C{.sops}: (study key, series key) -> [SOP Instance UIDs].
+    """
+    import uuid
+
+    from peers import dicomweb_instance, orthanc_store
+    from pydicom.uid import generate_uid
+
+    directory = tmp_path_factory.mktemp("dicomweb-data")
+    tag = uuid.uuid4().hex[:8].upper()
+    patient, patient_name = f"HDW{tag}", f"DW{tag}^ALPHA"
+    studies, files, source, sops = {}, {}, {}, {}
+    for s, (key, (date, layout)) in enumerate(DICOMWEB_LAYOUT.items()):
+        study = SimpleNamespace(uid=generate_uid(), date=date, series={})
+        studies[key] = study
+        for r, (series_key, sources) in enumerate(layout.items()):
+            series = study.series[series_key] = generate_uid()
+            sops[key, series_key] = []
+            for i, name in enumerate(sources):
+                sop, path = dicomweb_instance(
+                    directory, name, f"{key}-{series_key}-{i}",
+                    PatientID=patient, PatientName=patient_name, StudyInstanceUID=study.uid,
+                    SeriesInstanceUID=series, StudyDate=date, StudyTime="101010", StudyID=f"S{s + 1}",
+                    AccessionNumber=f"A{tag}{s}", StudyDescription=f"DICOMweb {key}", SeriesNumber=r + 1,
+                    InstanceNumber=i + 1, PatientBirthDate="19700101", PatientSex="O",
+                )
+                files[sop], source[sop] = path, name
+                sops[key, series_key].append(sop)
+    orthanc_store(orthanc, files.values())
+    return SimpleNamespace(patient=patient, patient_name=patient_name, tag=tag, studies=studies, files=files,
+                           source=source, sops=sops, directory=directory)
+
+
+DICOMWEB_BRIDGE_PIPELINE = """
+[pipelines.{name}]
+networks = ["default"]
+endpoints = ["{name}_dw"]
+middleware = ["dwb"]
+backends = ["{name}_scu"]
+
+[endpoints.{name}_dw]
+service = "dicomweb"
+[endpoints.{name}_dw.options]
+path_prefix = "/{name}"
+cors_origins = ["{origin}"]
+
+[backends.{name}_scu]
+service = "dicom_scu"
+[backends.{name}_scu.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+local_aet = "{local_aet}"
+dimse_retrieve_mode = "{mode}"
+incoming_store_port = {incoming}
+incoming_bind_addr = "127.0.0.1"
+storage_dir = "{storage}"
+connect_timeout_secs = 2
+timeout_secs = 30
+"""
+
+DICOMWEB_PROXY_PIPELINE = """
+[pipelines.proxy]
+networks = ["default"]
+endpoints = ["proxy_dw"]
+backends = ["proxy_upstream"]
+
+[endpoints.proxy_dw]
+service = "dicomweb"
+[endpoints.proxy_dw.options]
+path_prefix = "/proxy"
+cors_origins = ["{origin}"]
+
+[backends.proxy_upstream]
+service = "dicomweb"
+[backends.proxy_upstream.options]
+base_url = "{base_url}"
+timeout_secs = 30
+"""
+
+#: The origin the DICOMweb gateway's endpoints allow (CORS).
+DICOMWEB_ORIGIN = "http://viewer.example"
+
+
+@pytest.fixture(scope="session")
+def dicomweb_gateway(orthanc, tmp_path_factory):
+    """
+    C{twistd -n harmony} with four DICOMweb pipelines (C{cors_origins}:
+    L{DICOMWEB_ORIGIN}):
+
+      - C{/bridge}: dicomweb endpoint + C{dicomweb_bridge} + dicom_scu to
+        Orthanc's DIMSE port, C-GET (local AE C{HARMONYDW});
+      - C{/bridge-move}: the same with C-MOVE (local AE C{HARMONYMV},
+        registered in Orthanc as a modality on C{.move_port});
+      - C{/proxy}: dicomweb endpoint + dicomweb backend in front of
+        Orthanc's C{/dicom-web};
+      - C{/down}: as C{/bridge} with nobody on the PACS port (502s).
+    """
+    directory = tmp_path_factory.mktemp("dicomweb-gateway")
+    port, move_port, dead_port = free_port(), free_port(), free_port()
+    flavours = {
+        # name: (PACS AE, PACS port, local AE, mode, incoming port)
+        "bridge": (orthanc.aet, orthanc.dicom_port, "HARMONYDW", "get", free_port()),
+        "bridge-move": (orthanc.aet, orthanc.dicom_port, "HARMONYMV", "move", move_port),
+        "down": ("NOBODY", dead_port, "HARMONYDN", "get", free_port()),
+    }
+    pipelines = {
+        f"dw-{name}": DICOMWEB_BRIDGE_PIPELINE.format(
+            name=name, aet=aet, port=pacs_port, local_aet=local_aet, mode=mode, incoming=incoming,
+            storage=directory / f"retrieved-{name}", origin=DICOMWEB_ORIGIN,
+        )
+        for name, (aet, pacs_port, local_aet, mode, incoming) in flavours.items()
+    }
+    pipelines["dw-proxy"] = DICOMWEB_PROXY_PIPELINE.format(
+        base_url=f"{orthanc.url}/dicom-web", origin=DICOMWEB_ORIGIN
+    )
+    pipelines["dw-middleware"] = '[middleware.dwb]\ntype = "dicomweb_bridge"\n'
+    extra = '\n[storage.options]\npath = "./store"\n'
+    config = write_config(directory, base_config(port, proxy_id="dicomweb-it", extra=extra), pipelines)
+    orthanc.add_modality("harmony-dicomweb-move", "HARMONYMV", move_port)
+    proc = start_harmony(directory, config, port)
+    yield SimpleNamespace(port=port, process=proc, directory=directory, move_port=move_port, dead_port=dead_port,
+                          url=f"http://127.0.0.1:{port}", origin=DICOMWEB_ORIGIN)
+    orthanc.remove_modality("harmony-dicomweb-move")
+    proc.stop_cleanly()

@@ -348,3 +348,169 @@ class FhirServer:
     def stop(self):
         if self.process is not None:
             self.process.stop()
+
+
+# -- DICOMweb test data (tests/integration/test_dicomweb_*.py) ----------------------------
+
+
+def orthanc_store(orthanc, paths):
+    """
+    Store Part 10 files into Orthanc through its REST API (C{POST
+    /instances}, one keep-alive connection): the file is kept as sent,
+    transfer syntax included (no DIMSE negotiation in between).
+
+    @return: Orthanc's answers (one dict per file).
+    """
+    import http.client
+
+    answers = []
+    conn = http.client.HTTPConnection("127.0.0.1", orthanc.http_port, timeout=60)
+    try:
+        for path in paths:
+            body = Path(path).read_bytes()
+            conn.request("POST", "/instances", body=body, headers={"Content-Type": "application/dicom"})
+            resp = conn.getresponse()
+            data = resp.read()
+            assert resp.status == 200, (path, resp.status, data[:300])
+            answer = json.loads(data)
+            assert answer.get("Status") in ("Success", "AlreadyStored"), (path, answer)
+            answers.append(answer)
+    finally:
+        conn.close()
+    return answers
+
+
+def dicomweb_instance(directory, source, name, **attributes):
+    """
+    A copy of one of pydicom's test files (its transfer syntax kept) with a
+    fresh SOP Instance UID and the given attributes (keywords), saved as
+    C{<directory>/<name>.dcm}.
+
+    @return: C{(SOP Instance UID, path)}
+    """
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file(source, download=False))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = Path(directory) / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return ds.SOPInstanceUID, path
+
+
+def generated_ct(path, patient_id, study, series, number, rows=16, columns=16, patient_name="DW^GENERATED",
+                 study_date="20240101", seed=0):
+    """
+    A generated CT image (MONOCHROME2, 16 bits, explicit VR little endian,
+    C{rows} x C{columns} pixels of pseudo-random values) with a fresh SOP
+    Instance UID, saved at C{path}.
+
+    @return: the SOP Instance UID.
+    """
+    import numpy
+    from pydicom.dataset import Dataset as PydicomDataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = PydicomDataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = sop
+    ds.StudyDate = study_date
+    ds.StudyTime = "120000"
+    ds.AccessionNumber = ""
+    ds.Modality = "CT"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    rng = numpy.random.default_rng(seed + number)
+    ds.PixelData = rng.integers(0, 4096, size=(rows, columns), dtype="<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return sop
+
+
+def multipart_boundary(content_type):
+    """
+    The C{boundary} parameter of a C{multipart/...} content type (quotes
+    removed); fails when there is none.
+    """
+    import email.message
+
+    msg = email.message.Message()
+    msg["Content-Type"] = content_type
+    boundary = msg.get_param("boundary")
+    assert boundary, f"no boundary in {content_type!r}"
+    return boundary
+
+
+def multipart_parts(content_type, body):
+    """
+    The parts of a C{multipart/related} body (RFC 2046), parsed here
+    independently of Harmony's own parser.
+
+    @return: a list of C{(headers, payload)}: headers a dict with lower-cased
+        names.
+    """
+    boundary = multipart_boundary(content_type).encode()
+    delimiter = b"--" + boundary
+    assert body.startswith(delimiter) or (b"\r\n" + delimiter) in body, "no first delimiter"
+    start = 0 if body.startswith(delimiter) else body.index(b"\r\n" + delimiter) + 2
+    position = start + len(delimiter)
+    parts = []
+    while True:
+        if body[position : position + 2] == b"--":
+            return parts
+        assert body[position : position + 2] == b"\r\n", body[position : position + 20]
+        end = body.index(b"\r\n" + delimiter, position)
+        raw = body[position + 2 : end]
+        if raw.startswith(b"\r\n"):  # no part headers
+            head, payload = b"", raw[2:]
+        else:
+            head, _, payload = raw.partition(b"\r\n\r\n")
+        headers = {}
+        for line in head.split(b"\r\n"):
+            if line:
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+        parts.append((headers, payload))
+        position = end + 2 + len(delimiter)
+
+
+def multipart_body(parts, boundary="harmony-test-boundary-7d3f"):
+    """
+    A C{multipart/related} body of C{(content_type, payload)} parts and its
+    boundary.
+    """
+    out = []
+    for content_type, payload in parts:
+        out.append(f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + payload + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out), boundary

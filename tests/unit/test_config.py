@@ -873,13 +873,13 @@ def test_targets_in_pipelines_file_name_that_file(tmp_path):
 def test_unknown_endpoint_service_type(tmp_path):
     error = load_error(tmp_path, BASIC.replace('service = "http"', 'service = "htp"'))
     assert_error(error, "harmony.toml", "endpoints.api_in.service",
-                 "unknown service type 'htp' (known: dicom_scp, echo, fhir, http)")
+                 "unknown service type 'htp' (known: dicom_scp, dicomweb, echo, fhir, http)")
 
 
 def test_unknown_backend_service_type(tmp_path):
     error = load_error(tmp_path, BASIC.replace('service = "echo"', 'service = "pacs"'))
     assert_error(error, "harmony.toml", "backends.api_out.service",
-                 "unknown service type 'pacs' (known: dicom_scu, echo, fhir, http)")
+                 "unknown service type 'pacs' (known: dicom_scu, dicomweb, echo, fhir, http)")
 
 
 def test_dicom_alias_resolves_to_the_builtin_types(tmp_path):
@@ -950,10 +950,10 @@ def test_service_type_used_in_the_wrong_role(tmp_path):
 def test_unknown_service_lists_only_types_for_the_role(tmp_path):
     text = BASIC.replace('service = "http"', 'service = "nope"')
     error = load_error(tmp_path, text, registry=_dicom_registry())
-    assert error.message == "unknown service type 'nope' (known: dicom_scp, echo, fhir, http)"
+    assert error.message == "unknown service type 'nope' (known: dicom_scp, dicomweb, echo, fhir, http)"
     text = BASIC.replace('service = "echo"', 'service = "nope"')
     error = load_error(tmp_path, text, registry=_dicom_registry())
-    assert error.message == "unknown service type 'nope' (known: dicom_scu, echo, fhir, http)"
+    assert error.message == "unknown service type 'nope' (known: dicom_scu, dicomweb, echo, fhir, http)"
 
 
 def _known_middleware():
@@ -978,20 +978,16 @@ def test_middleware_options_are_validated(tmp_path):
 
 
 @pytest.mark.parametrize("alias", ["dicomweb", "dicomweb_bridge", "DicomWeb"])
-def test_middleware_alias_not_built_yet(tmp_path, alias):
-    # dicomweb_bridge comes with the DICOMweb issue.
-    error = load_error(tmp_path, BASIC + f'[middleware.bridge]\ntype = "{alias}"\n')
-    assert_error(error, "harmony.toml", "middleware.bridge.type",
-                 f"unknown middleware type '{alias.lower()}' (known: {_known_middleware()})")
+def test_dicomweb_middleware_aliases(tmp_path, alias):
+    text = PROXY + NETWORK + pipeline("api", middleware=["bridge"]) + f'[middleware.bridge]\ntype = "{alias}"\n'
+    config = load(tmp_path, text)
+    assert config.middleware["bridge"].type == "dicomweb_bridge"
 
 
-def test_middleware_alias_in_pipeline_list_not_built_yet(tmp_path):
+def test_dicomweb_alias_in_pipeline_list(tmp_path):
     text = PROXY + NETWORK + pipeline("api", middleware=["passthru", "dicomweb"])
-    error = load_error(tmp_path, text)
-    assert_error(
-        error, "harmony.toml", "pipelines.api.middleware.1",
-        "unknown middleware 'dicomweb': no [middleware.dicomweb] table and no built-in type of that name",
-    )
+    config = load(tmp_path, text)
+    assert config.middleware["dicomweb"].type == "dicomweb_bridge"
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from harmony.gateway import build_gateway
 from harmony.registry import BuildContext, default_registry
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc")
-EXAMPLES = ["http-to-dicom.toml", "dicom-proxy.toml", "transform-example.toml"]
+EXAMPLES = ["http-to-dicom.toml", "dicom-proxy.toml", "transform-example.toml", "dicomweb.toml"]
 
 
 def _enable(text):
@@ -42,7 +42,8 @@ def test_example_is_valid_when_enabled(tmp_path, name):
     (tmp_path / "pipelines" / name).write_text(enabled)
     registry = default_registry()
     config = load_config(str(tmp_path / "harmony.toml"), registry)
-    [pipeline] = config.pipelines.values()
-    assert pipeline.backends
+    assert config.pipelines
+    for pipeline in config.pipelines.values():
+        assert pipeline.backends
     gateway = build_gateway(config, registry, BuildContext(config=config))
     assert gateway.executors

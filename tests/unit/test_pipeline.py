@@ -12,6 +12,7 @@ from _fakes import FakeBackend, FakeEndpoint, RecordingMiddleware, make_request
 from harmony.envelope import DicomRequest, ResponseEnvelope
 from harmony.errors import (
     Forbidden,
+    NotFound,
     PayloadTooLarge,
     Unauthorized,
     UpstreamTimeout,
@@ -281,6 +282,25 @@ class ErrorTests(_Base):
         a = self.middleware("a", on_response=add_header)
         resp = self.run_pipeline(self.executor([a], [a], [self.backend(result=UpstreamTimeout)]))
         self.assertEqual(resp.headers.get("access-control-allow-origin"), "https://app.example")
+
+    def test_failing_response_hook_is_rendered_and_goes_out_through_the_endpoint(self):
+        def raises(env, resp):
+            raise NotFound("No such study")
+
+        def fails(env, resp):
+            return defer.fail(NotFound("No such study"))
+
+        for hook in (raises, fails):
+            del self.log[:]
+            inner = self.middleware("inner", on_response=hook)
+            outer = self.middleware("outer")
+            resp = self.run_pipeline(self.executor([outer, inner]))
+            self.assertEqual(resp.status, 404)
+            self.assertEqual(resp.headers.get("X-Rendered-By"), "ep")
+            self.assertEqual(resp.metadata["error"], "not_found")
+            # The endpoint's outgoing hook ran (CORS headers...); the
+            # remaining response hooks did not.
+            self.assertEqual(self.log[-2:], [("response", "inner"), ("outgoing", "ep")])
 
     def test_unexpected_exception_is_opaque_500(self):
         a = self.middleware("a", on_request=self._raise(ZeroDivisionError("secret internals /etc/x")))

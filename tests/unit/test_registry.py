@@ -50,11 +50,11 @@ def _validated(schema, data):
 
 
 #: Harmony's own service types (kept in step with builtin_registry).
-BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "echo", "fhir", "http"]
+BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "dicomweb", "echo", "fhir", "http"]
 
 #: Harmony's own middleware types (kept in step with builtin_registry).
 BUILTIN_MIDDLEWARE = [
-    "basic_auth", "connect", "cors", "header", "json_extractor", "jwt_auth", "log_dump", "metadata_transform",
+    "basic_auth", "connect", "cors", "dicomweb_bridge", "header", "json_extractor", "jwt_auth", "log_dump", "metadata_transform",
     "passthru", "path_filter", "transform",
 ]
 
@@ -62,8 +62,8 @@ BUILTIN_MIDDLEWARE = [
 def test_builtin_names():
     registry = builtin_registry()
     assert registry.service_names() == BUILTIN_SERVICES
-    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "fhir", "http"]
-    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir", "http"]
+    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http"]
+    assert registry.service_names("backend") == ["dicom_scu", "dicomweb", "echo", "fhir", "http"]
     assert registry.middleware_names() == BUILTIN_MIDDLEWARE
 
 
@@ -90,7 +90,8 @@ def test_middleware_lookup():
     assert registry.middleware("PassThru").name == "passthru"
     assert registry.middleware("connect").name == "connect"
     assert registry.middleware("jwtauth").name == "jwt_auth"
-    assert registry.middleware("dicomweb") is None  # dicomweb_bridge: the DICOMweb issue
+    assert registry.middleware("dicomweb").name == "dicomweb_bridge"
+    assert registry.middleware("DicomWeb_Bridge").name == "dicomweb_bridge"
     assert registry.middleware("nosuch") is None
 
 
@@ -224,8 +225,8 @@ def test_service_names_by_role():
     registry = builtin_registry()
     _with_dicom(registry)
     assert registry.service_names() == BUILTIN_SERVICES
-    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "fhir", "http"]
-    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir", "http"]
+    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http"]
+    assert registry.service_names("backend") == ["dicom_scu", "dicomweb", "echo", "fhir", "http"]
 
 
 @pytest.mark.parametrize(
@@ -290,7 +291,7 @@ def test_add_replaces_same_name():
     mine = ServiceType("http", HttpEndpoint, HTTP_OPTIONS)
     registry.add_service(mine)
     assert registry.service("http") is mine
-    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir"]
+    assert registry.service_names("backend") == ["dicom_scu", "dicomweb", "echo", "fhir"]
 
 
 # Registry.load -----------------------------------------------------------------------
@@ -339,8 +340,8 @@ def test_load_service_type(module_factory):
     obj = registry.load("service", "store", f"{name}:Store")
     assert obj is sys.modules[name].Store
     assert registry.service("store") is obj
-    assert registry.service_names("backend") == ["dicom_scu", "echo", "fhir", "http", "store"]
-    assert registry.service_names("endpoint") == ["dicom_scp", "echo", "fhir", "http"]
+    assert registry.service_names("backend") == ["dicom_scu", "dicomweb", "echo", "fhir", "http", "store"]
+    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http"]
 
 
 def test_load_type_name_is_case_insensitive(module_factory):

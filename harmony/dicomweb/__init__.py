@@ -1,0 +1,1 @@
+"""DICOMweb (PS3.18): DICOM JSON/XML, multipart/related and Accept negotiation."""
