@@ -93,18 +93,73 @@ def dataset_to_json(ds, bulk_uri=None, bulk_threshold=1024):
     return _dataset(ds, "", bulk_uri, bulk_threshold)
 
 
-def _dataset(ds, prefix, bulk_uri, threshold):
+def _dataset(ds, prefix, bulk_uri, threshold, inherited="latin-1"):
     out = {}
+    encoding = _text_encoding(ds, inherited)
     for tag in sorted(ds.keys()):
         tag = int(tag)
         if tag & 0xFFFF == 0 or tag >> 16 == 0x0002:
             continue
         key = f"{tag:08X}"
-        out[key] = _element(ds, tag, prefix + key, bulk_uri, threshold)
+        out[key] = _element(ds, tag, prefix + key, bulk_uri, threshold, encoding)
     return out
 
 
-def _element(ds, tag, path, bulk_uri, threshold):
+#: Character sets whose text values are decoded here without pydicom
+#: (C-FIND matches are mostly text: converting them with pydicom cost
+#: more than the rest of a QIDO answer).
+_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+#: Text VRs whose values are split on backslashes and stripped.
+_SPLIT_TEXT = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI", "UC"})
+#: Text VRs holding one value, trailing spaces insignificant.
+_SINGLE_TEXT = frozenset({"LT", "ST", "UT", "UR"})
+#: VRs whose text is in the dataset's character set (the others are ASCII).
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+
+
+def _text_encoding(ds, inherited):
+    """
+    The Python codec of the dataset's text values when it is one decoded
+    here (default repertoire, Latin-1, UTF-8), else C{None} (pydicom
+    converts); a sequence item without its own Specific Character Set has
+    its parent's (C{inherited}).
+    """
+    try:
+        raw = ds.get_item(0x00080005, keep_deferred=True)
+    except KeyError:
+        raw = None
+    if raw is None:
+        return inherited
+    value = raw.value
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("latin-1")
+    if isinstance(value, (list, MultiValue)):
+        return None
+    return _CHARSETS.get((value or "").strip(" \x00"))
+
+
+def _fast_text(vr, data, encoding):
+    """
+    The DICOM JSON of a raw text element, or C{None} when pydicom should
+    convert it.
+    """
+    try:
+        text = bytes(data).decode(encoding if vr in _CHARSET_VRS else "latin-1")
+    except UnicodeDecodeError:
+        return None
+    if vr in _SINGLE_TEXT:
+        text = text.rstrip(" \x00")
+        return {"vr": vr, "Value": [text]} if text else {"vr": vr}
+    if vr == "UI":
+        values = [v.strip(" \x00") for v in text.split("\\")]
+    else:
+        values = [v.strip(" \x00") for v in text.rstrip(" \x00").split("\\")]
+    if vr == "PN":
+        return _with_value(vr, [_person_name(v) for v in values])
+    return _with_value(vr, [v or None for v in values])
+
+
+def _element(ds, tag, path, bulk_uri, threshold, encoding=None):
     raw = ds.get_item(tag, keep_deferred=True)
     if isinstance(raw, RawDataElement):
         vr = _raw_vr(ds, raw)
@@ -118,6 +173,10 @@ def _element(ds, tag, path, bulk_uri, threshold):
                 return {"vr": vr, "BulkDataURI": bulk_uri(path)}
         if raw.value is not None and vr in ("IS", "DS"):
             return _numbers(vr, _split_raw_text(raw.value))
+        if raw.value is not None and encoding is not None and (vr in _SPLIT_TEXT or vr in _SINGLE_TEXT or vr == "PN"):
+            fast = _fast_text(vr, raw.value, encoding)
+            if fast is not None:
+                return fast
     try:
         elem = ds[tag]
     except Exception:
@@ -131,7 +190,9 @@ def _element(ds, tag, path, bulk_uri, threshold):
         vr = _AMBIGUOUS[vr]
     value = elem.value
     if vr == "SQ":
-        items = [_dataset(item, f"{path}/{i}/", bulk_uri, threshold) for i, item in enumerate(value or ())]
+        items = [
+            _dataset(item, f"{path}/{i}/", bulk_uri, threshold, encoding) for i, item in enumerate(value or ())
+        ]
         return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
     if vr in BINARY_VRS:
         if isinstance(value, (list, tuple, MultiValue)):  # several byte values: as stored, one after another

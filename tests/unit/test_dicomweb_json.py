@@ -12,6 +12,7 @@ from unittest import mock
 
 import defusedxml.ElementTree as DET
 import pydicom.filereader
+import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
@@ -435,3 +436,56 @@ class XmlTests(SynchronousTestCase):
                 texts = [v.text for v in node.findall("d:Value", NS)]
                 expected = [None if v is None else str(v) for v in attribute.get("Value", [])]
                 self.assertEqual(texts, expected, key)
+
+
+# -- text values decoded without pydicom ----------------------------------------------------
+
+
+def _raw_dataset(ds, implicit=True):
+    """
+    C{ds} encoded and read back: elements stay raw until accessed (how
+    C-FIND matches arrive).
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = implicit
+    write_dataset(fp, ds)
+    return read_dataset(DicomBytesIO(fp.getvalue()), implicit, True)
+
+
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192"])
+@pytest.mark.parametrize("implicit", [True, False])
+def test_raw_text_values_decoded_directly_match_pydicom(charset, implicit):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    name = "Doe^John" if charset is None else "Dö^Jürgen=ドウ^ジョン" if charset == "ISO_IR 192" else "Dö^Jürgen"
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.PatientID = "PID 1"
+    ds.ModalitiesInStudy = ["CT", "MR"]
+    ds.StudyInstanceUID = "1.2.345"
+    ds.StudyDate = "20200101"
+    ds.StudyDescription = "Head " if charset is None else "Tête"
+    ds.AccessionNumber = ""
+    ds.add_new(0x00081190, "UR", "http://x.example/a b")
+    ds.add_new(0x00324000, "LT", "line one\r\nline two  ")
+    item = Dataset()
+    item.CodeMeaning = "Tête" if charset else "Head"
+    ds.ProcedureCodeSequence = Sequence([item])
+    fast = dataset_to_json(_raw_dataset(ds, implicit))
+    slow_ds = _raw_dataset(ds, implicit)
+    for elem in slow_ds.iterall():  # converted by pydicom first: the slow path
+        pass
+    slow = dataset_to_json(slow_ds)
+    assert fast == slow
+    assert fast["00100010"]["Value"][0]["Alphabetic"] == name.split("=")[0]
+    assert fast["00080061"]["Value"] == ["CT", "MR"]
+    assert fast["00080050"] == {"vr": "SH"}
+    assert fast["00081032"]["Value"][0]["00080104"]["Value"] == [item.CodeMeaning]
