@@ -90,8 +90,9 @@ import datetime
 import re
 
 import attr
+from pydicom import config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import empty_value_for_VR
+from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -437,7 +438,9 @@ def _put(identifier, path, value):
     tag, vr = path[-1]
     if value is None:
         if tag not in ds:
-            ds.add_new(tag, vr, empty_value_for_VR(vr))
+            # An empty return key has nothing to validate (and pydicom's
+            # validation was most of the cost of a query).
+            ds.add(DataElement(tag, vr, empty_value_for_VR(vr), validation_mode=config.IGNORE))
     else:
         ds.add_new(tag, vr, value)
 

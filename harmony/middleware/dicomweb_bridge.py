@@ -377,28 +377,28 @@ class _Search(_State):
         self.choice = choice
         self.root = root
 
-    def _retrieve_url(self, ds):
-        study = ds.get("StudyInstanceUID")
+    def _prepare(self, value):
+        """
+        A match's DICOM JSON as QIDO answers it: without Query/Retrieve
+        Level, with its RetrieveURL.
+        """
+        value.pop("00080052", None)
+        study = _first(value, "0020000D")
         level = self.query.level
-        if not study:
-            return None
-        if level == "STUDY":
-            return _study_url(self.root, study)
-        series = ds.get("SeriesInstanceUID")
-        if not series:
-            return None
-        if level == "SERIES":
-            return _study_url(self.root, study, series)
-        sop = ds.get("SOPInstanceUID")
-        return _study_url(self.root, study, series, sop) if sop else None
-
-    def _prepare(self, ds):
-        if "QueryRetrieveLevel" in ds:
-            del ds.QueryRetrieveLevel
-        url = self._retrieve_url(ds)
+        url = None
+        if study:
+            if level == "STUDY":
+                url = _study_url(self.root, study)
+            else:
+                series = _first(value, "0020000E")
+                if series and level == "SERIES":
+                    url = _study_url(self.root, study, series)
+                elif series:
+                    sop = _first(value, "00080018")
+                    url = _study_url(self.root, study, series, sop) if sop else None
         if url is not None:
-            ds.add_new(0x00081190, "UR", url)
-        return ds
+            value["00081190"] = {"vr": "UR", "Value": [url]}
+        return value
 
     async def render(self, result):
         matches = result.matches
@@ -421,7 +421,7 @@ class _Search(_State):
             sent = 0
             item = first
             while item is not EOF:
-                yield self._prepare(item)
+                yield item
                 sent += 1
                 if limit is not None and sent >= limit:
                     matches.cancel()  # C-CANCEL: nothing more is wanted
@@ -431,7 +431,7 @@ class _Search(_State):
             if dimse_status.is_failure(status):
                 raise UpstreamUnavailable("The PACS failed the query part way")
 
-        return _dataset_response(self.choice, items(), cancel=matches.cancel)
+        return _dataset_response(self.choice, items(), cancel=matches.cancel, prepare=self._prepare)
 
     def _empty(self):
         if self.choice.media_type == DICOM_JSON:
@@ -449,13 +449,24 @@ class _Search(_State):
 ROOT_MARK = "\x7fROOT\x7f"
 
 
-def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None):
+def _first(value, key):
+    """
+    The first value of attribute C{key} of a DICOM JSON object, or C{None}.
+    """
+    values = value.get(key, {}).get("Value")
+    return values[0] if values else None
+
+
+def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None, prepare=None):
     """
     A 200 answer streaming C{datasets} (an async iterable of pydicom
     datasets, or of DICOM JSON dicts when C{encoded}) as a DICOM JSON array
     or as C{multipart/related} DICOM XML parts.  With C{root}, the
-    L{ROOT_MARK}s in the encoded values become C{root}.
+    L{ROOT_MARK}s in the encoded values become C{root}; C{prepare} (a
+    C{dict -> dict} callable) finishes each DICOM JSON object.
     """
+    if prepare is None:
+        prepare = _same
     if root is not None:
         json_root = json.dumps(root, ensure_ascii=False)[1:-1].encode("utf-8")
         xml_root = xml_escape(root, {'"': "&quot;"}).encode("utf-8")
@@ -476,7 +487,7 @@ def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None):
             sep = b"["
             try:
                 async for ds in datasets:
-                    value = ds if encoded else dicomjson.dataset_to_json(ds)
+                    value = ds if encoded else prepare(dicomjson.dataset_to_json(ds))
                     if not body.writable:
                         await body.wait_writable()
                     data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -498,7 +509,7 @@ def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None):
 
     async def parts():
         async for ds in datasets:
-            data = dicomjson.json_to_xml(ds) if encoded else dicomjson.dataset_to_xml(ds)
+            data = dicomjson.json_to_xml(ds if encoded else prepare(dicomjson.dataset_to_json(ds)))
             yield multipart.Part("application/dicom+xml", rooted(data, xml_root))
 
     body = multipart.multipart_stream(_Cancellable(parts(), cancel), boundary)
@@ -507,6 +518,10 @@ def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None):
         headers=[("Content-Type", multipart.related_content_type("application/dicom+xml", boundary))],
         body=body,
     )
+
+
+def _same(value):
+    return value
 
 
 class _Cancellable:
