@@ -33,8 +33,10 @@ backend's L{DicomResult} into the DICOMweb answer:
     for C{metadata_cache_secs} and also answers the metadata of its series
     and instances.
   - Frames, rendered, thumbnail, bulk data -> the one instance is
-    retrieved and answered from (L{harmony.dicomweb.pixels}); rendered and
-    thumbnail of a study or series use its first instance.
+    retrieved and answered from (L{harmony.dicomweb.pixels}); a rendered
+    study or series is each instance's first frame, one multipart part
+    each; a study's or series' thumbnail is its first instance's (the rest
+    of the retrieve is cancelled).
   - STOW-RS -> each C{application/dicom} part is spooled to disk, checked
     (a Part 10 file, of the study in the URL when there is one) and sent
     with C-STORE on one association; the answer is the PS3.18 store
@@ -258,7 +260,8 @@ class DicomwebBridge:
             if len(numbers) != 1:
                 raise BadRequest("Render one frame at a time")
             frame = numbers[0]
-        return self._retrieve(envelope, meta, _Rendered(self, choice, kind, frame, params))
+        state = _Rendered(self, choice, kind, frame, params, meta.get("dicomweb_level"))
+        return self._retrieve(envelope, meta, state)
 
     def _request_thumbnail(self, envelope, meta):
         return self._request_rendered(envelope, meta, "thumbnail")
@@ -728,22 +731,53 @@ def _parts_response(parts, boundary, part_type, transfer_syntax=None):
 
 
 class _Rendered(_State):
-    def __init__(self, bridge, choice, kind, frame, params):
+    """
+    Rendered images and thumbnails.  A thumbnail of a study or series is
+    its first instance's; a rendered study or series is every instance's
+    first frame, one C{multipart/related} part each, rendered as the
+    instances arrive.
+    """
+
+    def __init__(self, bridge, choice, kind, frame, params, level):
         super().__init__(bridge)
         self.choice = choice
         self.kind = kind
         self.frame = frame
         self.params = params
+        self.level = level
 
-    async def render(self, result):
-        ds = await _one_dataset(self, result, "resource")
+    def _image(self, ds):
         mtype = self.choice.media_type
         if self.kind == "thumbnail":
-            data = await _in_thread(self.reactor, pixels.thumbnail, ds, mtype)
-        else:
-            data = await _in_thread(self.reactor, lambda: pixels.render(ds, mtype, frame=self.frame or 1,
-                                                                         **self.params))
-        return ResponseEnvelope(status=200, headers=[("Content-Type", mtype)], body=data)
+            return pixels.thumbnail(ds, mtype)
+        return pixels.render(ds, mtype, frame=self.frame or 1, **self.params)
+
+    async def render(self, result):
+        mtype = self.choice.media_type
+        if self.kind == "thumbnail" or self.level in ("instance", "frames"):
+            ds = await _one_dataset(self, result, "resource")
+            data = await _in_thread(self.reactor, self._image, ds)
+            return ResponseEnvelope(status=200, headers=[("Content-Type", mtype)], body=data)
+        first = await _first_instance(result, self.level)
+        instances = result.instances
+
+        async def parts():
+            instance = first
+            while instance is not EOF:
+                try:
+                    ds = await _in_thread(self.reactor, _read_dataset, instance.path)
+                finally:
+                    if instance.dispose is not None:
+                        instance.dispose()
+                if "PixelData" in ds:
+                    yield multipart.Part(mtype, await _in_thread(self.reactor, self._image, ds))
+                instance = await instances.read()
+            await result.done
+
+        boundary = multipart.new_boundary()
+        body = multipart.multipart_stream(_Cancellable(parts(), instances.cancel), boundary)
+        ctype = multipart.related_content_type(mtype, boundary)
+        return ResponseEnvelope(status=200, headers=[("Content-Type", ctype)], body=body)
 
 
 class _Bulkdata(_State):

@@ -338,6 +338,43 @@ def test_rendered_instance_as_png(bridge, tmp_path):
     assert image.format == "PNG" and image.size == (128, 128)
 
 
+def test_rendered_series_is_every_instance_rendered(bridge, tmp_path):
+    import io
+
+    from PIL import Image
+
+    env = request("studies/1.2/series/1.2.3/rendered")
+    bridge.request(env)
+    assert env.dicom.level == "SERIES"
+    items, disposed = retrieved(tmp_path, CT, MR)
+    response = result_of(bridge.response(env, ResponseEnvelope(
+        dicom=DicomResult(status=None, instances=Stream.from_iterable(items), done=finished()))))
+    assert 'type="image/jpeg"' in response.headers.get("content-type")
+    parts = parts_of(response)
+    assert [ctype for ctype, _, _ in parts] == ["image/jpeg", "image/jpeg"]
+    assert [Image.open(io.BytesIO(p)).size for _, _, p in parts] == [(128, 128), (64, 64)]
+    assert disposed == [0, 1]
+
+
+def test_thumbnail_of_a_study_is_its_first_instance(bridge, tmp_path):
+    import io
+
+    from PIL import Image
+
+    env = request("studies/1.2/thumbnail")
+    bridge.request(env)
+    items, disposed = retrieved(tmp_path, CT, MR)
+    stream = Stream.from_iterable(items)
+    cancelled = []
+    stream._on_cancel = lambda: cancelled.append(True)
+    response = result_of(bridge.response(env, ResponseEnvelope(
+        dicom=DicomResult(status=None, instances=stream, done=defer.Deferred()))))
+    assert response.headers.get("content-type") == "image/jpeg"
+    assert max(Image.open(io.BytesIO(body_of(response))).size) <= 128
+    assert cancelled == [True]  # the rest of the study is not retrieved
+    assert disposed == [0]
+
+
 def test_bulkdata_of_an_instance(bridge, tmp_path):
     env = request("studies/1.2/series/1.2.3/instances/1.2.3.4/bulkdata/7FE00010",
                   headers=[("Accept", "application/octet-stream")])
