@@ -72,6 +72,11 @@ OPTIONS = Schema(
             "keep associations with the PACS open this long between C-ECHO/C-FIND/C-STORE operations for reuse "
             "(0: one association per operation)",
         ),
+        "max_idle_associations": Field(
+            Int(min=1, max=64), 2,
+            "associations kept open at most per kind when association_idle_secs > 0 (each holds one of the PACS's "
+            "association slots: Orthanc serves 4 at a time by default)",
+        ),
     }
 )
 
@@ -249,7 +254,7 @@ class DicomScuBackend:
         self._client = None
         self._storage = None
         self._spool = None
-        self._pool = AssociationPool(self._reactor, options.association_idle_secs)
+        self._pool = AssociationPool(self._reactor, options.association_idle_secs, options.max_idle_associations)
         router = getattr(context, "move_router", None)
         if router is None:
             from harmony.dimse.move import MoveRouter

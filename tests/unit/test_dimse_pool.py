@@ -142,9 +142,9 @@ class FakeClient:
         return defer.succeed(self.associations.pop(0))
 
 
-def backend(client, clock, idle):
+def backend(client, clock, idle, **more):
     options = OPTIONS.validate(
-        {"aet": "PACS", "host": "127.0.0.1", "port": 104, "association_idle_secs": idle}, Where("t.toml")
+        {"aet": "PACS", "host": "127.0.0.1", "port": 104, "association_idle_secs": idle, **more}, Where("t.toml")
     )
     b = DicomScuBackend("pacs", options, BuildContext(reactor=clock))
     b._client = client
@@ -162,6 +162,11 @@ def find_envelope():
 
 
 class BackendPoolTests(SynchronousTestCase):
+    def test_idle_associations_are_capped(self):
+        # Each parked association holds one of the PACS's association slots.
+        self.assertEqual(backend(FakeClient([]), Clock(), 5)._pool.max_idle, 2)
+        self.assertEqual(backend(FakeClient([]), Clock(), 5, max_idle_associations=1)._pool.max_idle, 1)
+
     def test_echo_reuses_the_association(self):
         clock = Clock()
         a = FakeAssociation()
