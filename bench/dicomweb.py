@@ -3,7 +3,9 @@
 DICOMweb benchmark: QIDO-RS latency and WADO-RS throughput of Orthanc's
 DICOMweb plugin directly, through Harmony's C{dicomweb_bridge} (QIDO ->
 C-FIND, WADO -> C-GET against Orthanc's DIMSE port) and through Harmony's
-C{dicomweb} backend (a proxy to Orthanc's DICOMweb root).
+C{dicomweb} backend (a proxy to Orthanc's DICOMweb root), with DCMTK
+C{getscu} C-GETting the same study from Orthanc's DIMSE port as the
+baseline of the bridge's WADO-RS.
 
 Run from the repository root with the project's virtualenv::
 
@@ -31,19 +33,24 @@ Everything runs on 127.0.0.1 with free ports, in one go:
  4. WADO-RS: the whole big study (C{Accept: multipart/related;
     type="application/dicom"}), one unmeasured then C{--retrieves}
     measured rounds per target, read as a stream: MiB/s and time to the
-    first body byte;
+    first body byte; in the same rounds, interleaved, DCMTK C{getscu}
+    (C{TCP_NODELAY=1}, Study Root, STUDY level, C{-od} a directory emptied
+    after each round) retrieves the study from Orthanc's DIMSE port: MiB/s
+    over the wall time of the getscu process (the C-GET rate that bounds
+    the bridge);
  5. QIDO-RS again, C{--clients} concurrent clients (threads, one
     connection each) for the study query: requests/s (last, because it
     can leave idle associations in the bridge's pool that slow a C-GET);
  6. peak RSS (VmHWM, reset before each measurement) of Harmony and
     Orthanc; a table, and the ratios Harmony/direct against the targets
-    (QIDO p50 <= 1.5x, WADO MiB/s >= 0.8x) with PASS/MISS.
+    (QIDO p50 <= 1.5x, WADO MiB/s >= 0.8x) with PASS/MISS, and the
+    bridge's WADO MiB/s against getscu's (no target).
 
 The client is the standard library's C{http.client} (keep-alive).  See
 bench/README.md for the pinning and how to read the output.  This is a
 benchmark, not a test: it exits 0 whatever the numbers are (a Harmony
-target that fails is reported, with the error and Harmony's log, and left
-out), and non-zero only when a process does not start or dies, or Orthanc
+target that fails, or getscu, is reported, with the error (and Harmony's
+log), and left out), and non-zero only when a process does not start or dies, or Orthanc
 itself does not answer what was loaded.
 """
 
@@ -69,6 +76,7 @@ from dimse_query import (  # noqa: E402  (the helpers of the DIMSE query benchma
     OtherCpu,
     cpu_seconds,
     fmt_mib,
+    getscu_run,
     percentile,
     pin,
     read_status,
@@ -85,6 +93,7 @@ CHUNK = 256 * 1024
 DICOM_JSON = "application/dicom+json"
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 STUDY_UID_TAG = "0020000D"
+GETSCU_AET = "BENCHGETSCU"  # Orthanc answers any calling AE (DicomAlwaysAllowGet)
 SERIES_UID_TAG = "0020000E"
 
 HARMONY_CONFIG = """\
@@ -173,7 +182,9 @@ class TargetError(Exception):
 
 class Target:
     """
-    One DICOMweb root: Orthanc direct or a Harmony pipeline.
+    One DICOMweb root: Orthanc direct or a Harmony pipeline; or (name
+    C{getscu}) DCMTK getscu against Orthanc's DIMSE port, a WADO-RS
+    baseline only.
 
     @ivar error: why this target is out of the run (C{None} while it works).
     @ivar connects: TCP connections the sequential client opened to it.
@@ -188,7 +199,7 @@ class Target:
 
     @property
     def harmony(self):
-        return self.name != "direct"
+        return self.name in ("bridge", "proxy")
 
     @property
     def pid(self):
@@ -421,11 +432,33 @@ def qido_concurrent(target, suffix, tag, expected, clients, total):
     return total / seconds, seconds
 
 
+def getscu_retrieve(t, study, parts):
+    """
+    DCMTK getscu of the study from Orthanc (C{t.port}, C{t.aet}) into
+    C{t.outdir}, emptied afterwards: the same tuple as L{retrieve} (no
+    first byte or head: C{None}), or raises L{TargetError}.
+    """
+    if shutil.which("getscu") is None:
+        raise TargetError("getscu not found (Debian package dcmtk)")
+    env = dict(os.environ, TCP_NODELAY="1")
+    try:
+        seconds, files, size, error = getscu_run(t.port, t.aet, study, t.outdir, env)
+    except (OSError, subprocess.SubprocessError) as e:
+        shutil.rmtree(t.outdir, ignore_errors=True)
+        raise TargetError(f"getscu: {type(e).__name__}: {e}")
+    if error:
+        raise TargetError(error)
+    if files != parts:
+        raise TargetError(f"getscu received {files} files ({size} bytes), expected {parts} instances")
+    return seconds, None, None, size, files
+
+
 def wado_rounds(targets, args, study, parts, orthanc_pid):
     """
     One unmeasured then C{--retrieves} measured retrieves of the big study
-    per target, interleaved round by round.  Peak RSS is reset before each
-    retrieve and read after it.  Returns {target: [run dict]}.
+    per target (the getscu one included), interleaved round by round.  Peak
+    RSS is reset before each retrieve and read after it.  Returns {target:
+    [run dict]}.
     """
     runs = {t.name: [] for t in targets}
     for rnd in range(args.retrieves + 1):
@@ -440,12 +473,17 @@ def wado_rounds(targets, args, study, parts, orthanc_pid):
             c0 = cpu_seconds(hpid) if hpid else None
             o0 = cpu_seconds(orthanc_pid)
             try:
-                seconds, t_head, t_first, size, got = retrieve(t.connection(), path, parts)
+                if t.name == "getscu":
+                    seconds, t_head, t_first, size, got = getscu_retrieve(t, study, parts)
+                else:
+                    seconds, t_head, t_first, size, got = retrieve(t.connection(), path, parts)
             except (TargetError, OSError, http.client.HTTPException) as e:
-                if not t.harmony:
+                if t.name == "direct":
                     raise BenchFailure(f"WADO-RS {path} from Orthanc: {e}")
                 where = "the warm-up retrieve" if rnd == 0 else f"measured retrieve {rnd} of {args.retrieves}"
-                t.fail(f"WADO-RS GET {path} ({where})", e)
+                what = ("getscu C-GET of the study from Orthanc's DICOM port" if t.name == "getscu"
+                        else f"WADO-RS GET {path}")
+                t.fail(f"{what} ({where})", e)
                 continue
             run = {
                 "seconds": seconds, "head": t_head, "first": t_first, "bytes": size, "parts": got,
@@ -457,8 +495,11 @@ def wado_rounds(targets, args, study, parts, orthanc_pid):
             if rnd > 0:
                 runs[t.name].append(run)
                 hc = f"; Harmony CPU {run['harmony_cpu']:5.2f} s" if run["harmony_cpu"] is not None else ""
-                print(f"  retrieve {rnd}: {t.label:<24} {got} parts, {size / MiB:6.1f} MiB in {seconds:6.2f} s = "
-                      f"{size / MiB / seconds:6.1f} MiB/s, first byte {t_first * 1000:7.1f} ms; Orthanc CPU "
+                first = (f"first byte {t_first * 1000:7.1f} ms" if t_first is not None
+                         else f"{'(getscu process)':<24}")
+                unit = "files" if t.name == "getscu" else "parts"
+                print(f"  retrieve {rnd}: {t.label:<24} {got} {unit}, {size / MiB:6.1f} MiB in {seconds:6.2f} s = "
+                      f"{size / MiB / seconds:6.1f} MiB/s, {first}; Orthanc CPU "
                       f"{run['orthanc_cpu']:5.2f} s{hc}", flush=True)
         for t in targets:
             if t.proc is not None and t.proc.popen.poll() is not None:
@@ -535,7 +576,7 @@ def verdict(ok):
     return "PASS" if ok else "MISS"
 
 
-def report(targets, queries, samples, hcpu, conc, conc_clients, runs, hwm, opid, hpids):
+def report(targets, wado_targets, queries, samples, hcpu, conc, conc_clients, runs, hwm, opid, hpids):
     print("\nQIDO-RS, sequential (one keep-alive connection per target; the targets interleaved)")
     hdr = (f"  {'query':<32} {'target':<24} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} "
            f"{'Harmony CPU ms/req':>19}")
@@ -570,7 +611,7 @@ def report(targets, queries, samples, hcpu, conc, conc_clients, runs, hwm, opid,
     print(hdr)
     print("  " + "-" * (len(hdr) - 2))
     rates, firsts = {}, {}
-    for t in targets:
+    for t in wado_targets:
         rs = runs.get(t.name) or []
         if not rs:
             print(f"  {t.label:<24} failed: see below")
@@ -578,16 +619,21 @@ def report(targets, queries, samples, hcpu, conc, conc_clients, runs, hwm, opid,
         ordered = sorted(rs, key=lambda r: r["bytes"] / r["seconds"])
         m = ordered[(len(ordered) - 1) // 2]
         rate = rates[t.name] = m["bytes"] / MiB / m["seconds"]
-        firsts[t.name] = sorted(r["first"] for r in rs)[(len(rs) - 1) // 2]
-        head = sorted(r["head"] for r in rs)[(len(rs) - 1) // 2]
         lo, hi = ordered[0]["bytes"] / MiB / ordered[0]["seconds"], ordered[-1]["bytes"] / MiB / ordered[-1]["seconds"]
         hc = f"{m['harmony_cpu']:.2f}" if m["harmony_cpu"] is not None else "-"
+        if m["first"] is not None:
+            firsts[t.name] = sorted(r["first"] for r in rs)[(len(rs) - 1) // 2]
+            head = sorted(r["head"] for r in rs)[(len(rs) - 1) // 2]
+            first_ms, head_ms = f"{firsts[t.name] * 1000:.1f}", f"{head * 1000:.1f}"
+        else:
+            first_ms = head_ms = "-"
         print(f"  {t.label:<24} {m['parts']:5d} {m['bytes'] / MiB:7.1f} {m['seconds']:6.2f} {rate:7.1f} "
-              f"{f'[{lo:.1f}..{hi:.1f}]':>14} {firsts[t.name] * 1000:13.1f} {head * 1000:8.1f} {hc:>13} "
+              f"{f'[{lo:.1f}..{hi:.1f}]':>14} {first_ms:>13} {head_ms:>8} {hc:>13} "
               f"{m['orthanc_cpu']:13.2f}")
     print("  (MiB: the multipart body as received; s: request to last byte (the round with the median MiB/s); first "
           "byte: request to the first body byte, head: request to the response head, both medians over the rounds; "
-          "CPU: utime+stime during that round)")
+          "CPU: utime+stime during that round; getscu: the files it wrote (Part 10, as many as instances) over the "
+          "wall time of the getscu process, C-GET from Orthanc's DICOM port)")
 
     print("\nPeak RSS (VmHWM; reset before each part, or each retrieve), in the order measured")
     print(f"  {'during':<46} {'Harmony':>10} {'Orthanc':>10}")
@@ -598,7 +644,7 @@ def report(targets, queries, samples, hcpu, conc, conc_clients, runs, hwm, opid,
 
     parts = list(hwm)
     part_row(parts[0])
-    for t in targets:
+    for t in wado_targets:
         rs = runs.get(t.name) or []
         if rs:
             h = max((r["harmony_hwm"] or 0) for r in rs) if t.harmony else None
@@ -627,13 +673,21 @@ def report(targets, queries, samples, hcpu, conc, conc_clients, runs, hwm, opid,
                   f"   target >= {WADO_RATE_TARGET}x: {verdict(r >= WADO_RATE_TARGET)}")
         else:
             print(f"  {t.label:<24} WADO {'MiB/s':<30} n/a (FAILED)   target >= {WADO_RATE_TARGET}x: MISS")
+        if t.name == "bridge" and any(w.name == "getscu" for w in wado_targets):
+            what = f"WADO {'MiB/s vs Orthanc C-GET (getscu)':<30}"
+            if t.name in rates and "getscu" in rates:
+                print(f"  {t.label:<24} {what} {rates[t.name] / rates['getscu']:5.2f}x "
+                      f"({rates[t.name]:.1f} vs {rates['getscu']:.1f} MiB/s; no target: the DIMSE ceiling the bridge "
+                      f"is bounded by)")
+            else:
+                print(f"  {t.label:<24} {what} n/a (FAILED) (no target)")
         if t.name in conc and "direct" in conc:
             print(f"  {t.label:<24} QIDO {conc_clients} concurrent clients req/s "
                   f"{conc[t.name][0] / conc['direct'][0]:5.2f}x (no target)")
-    failed = [t for t in targets if t.error]
+    failed = [t for t in wado_targets if t.error]
     for t in failed:
         print(f"\n  {t.label} FAILED: {t.error}")
-    return failed
+    return [t for t in failed if t.harmony]
 
 
 # ---------------------------------------------------------------------------
@@ -691,8 +745,8 @@ def main():
         print(f"  python      {sys.executable} ({sys.version.split()[0]}); pydicom {pydicom.__version__}; "
               f"Debian orthanc / orthanc-dicomweb {orthanc_version.replace(chr(10), ' ') or '?'}")
         if harmony_cores is not None:
-            print(f"  cores       {ncpu}: Harmony on core {harmony_cores}; Orthanc and the client (this process) "
-                  f"on {client_cores}")
+            print(f"  cores       {ncpu}: Harmony on core {harmony_cores}; Orthanc, the client (this process) "
+                  f"and getscu on {client_cores}")
         else:
             print("  cores       1: no pinning")
         print("  env         TCP_NODELAY=1 for every child; everything on 127.0.0.1")
@@ -759,6 +813,10 @@ def main():
                 t.error = start_errors.get(p, "Harmony did not start")
             targets.append(t)
 
+        getscu = Target("getscu", "Orthanc C-GET (getscu)", orthanc.dicom_port, None)
+        getscu.aet, getscu.outdir = orthanc.aet, os.path.join(workdir, "getscu")
+        wado_targets = targets + [getscu]  # getscu: WADO-RS rounds only
+
         queries = [
             (f"studies?PatientID={PATIENT_ID}", f"/studies?PatientID={PATIENT_ID}", STUDY_UID_TAG, patient_studies),
             ("studies/<study>/series", f"/studies/{big}/series", SERIES_UID_TAG, series),
@@ -781,9 +839,10 @@ def main():
 
         # 4. WADO-RS (before the concurrent queries: those can leave several
         # associations parked in the bridge's dicom_scu pool; see README)
-        print(f"\nWADO-RS: 1 + {args.retrieves} retrieves of the study per target...", flush=True)
+        print(f"\nWADO-RS: 1 + {args.retrieves} retrieves of the study per target (and getscu's C-GET)...",
+              flush=True)
         other = OtherCpu(*pids)
-        runs = wado_rounds(targets, args, big, args.instances, opid)
+        runs = wado_rounds(wado_targets, args, big, args.instances, opid)
         warn_other(other.percent(), "another test suite or benchmark?")
         for t in targets:
             t.close()
@@ -816,7 +875,7 @@ def main():
                 raise BenchFailure("Harmony exited during the run", [("harmony", str(proc.log_path))])
 
         # 6. Report
-        failed = report(targets, queries, samples, hcpu, conc, args.clients, runs, hwm, opid,
+        failed = report(targets, wado_targets, queries, samples, hcpu, conc, args.clients, runs, hwm, opid,
                         [p.popen.pid for _, p in harmonies])
         for _, proc in harmonies:
             print(f"  Harmony pid {proc.popen.pid}: VmRSS at the end {fmt_mib(read_status(proc.popen.pid, 'VmRSS'))}")

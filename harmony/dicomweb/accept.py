@@ -70,7 +70,9 @@ IMAGE_DEFAULT_TRANSFER_SYNTAX = {
 #: Older names some clients (dicomweb-client, Orthanc) still use.
 _IMAGE_ALIASES = {"image/x-jls": "image/jls", "image/x-dicom-rle": "image/dicom-rle"}
 
-_TS_MEDIA_TYPE = {
+#: The media type of a frame as stored, by encapsulated transfer syntax
+#: (PS3.18 Table 8.7.3-5).
+FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg",
     "1.2.840.10008.1.2.4.51": "image/jpeg",
     "1.2.840.10008.1.2.4.57": "image/jpeg",
@@ -81,6 +83,12 @@ _TS_MEDIA_TYPE = {
     "1.2.840.10008.1.2.4.91": "image/jp2",
     "1.2.840.10008.1.2.4.92": "image/jpx",
     "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.4.110": "image/jxl",
+    "1.2.840.10008.1.2.4.111": "image/jxl",
+    "1.2.840.10008.1.2.4.112": "image/jxl",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
 
@@ -99,7 +107,7 @@ def media_type_for_transfer_syntax(uid):
     C{image/jls}, C{image/jp2}, C{image/jpx}, C{image/dicom-rle}, else
     C{application/octet-stream} (uncompressed and unknown ones).
     """
-    return _TS_MEDIA_TYPE.get(uid, OCTET_STREAM)
+    return FRAME_MEDIA_TYPES.get(uid, OCTET_STREAM)
 
 
 @attr.s(frozen=True, slots=True)
@@ -267,7 +275,7 @@ def _frames(r, ts):
         if part in IMAGE_DEFAULT_TRANSFER_SYNTAX:
             if ts is None:
                 return Choice(part, True, IMAGE_DEFAULT_TRANSFER_SYNTAX[part])
-            if _TS_MEDIA_TYPE.get(ts) == part:
+            if FRAME_MEDIA_TYPES.get(ts) == part:
                 return Choice(part, True, ts)
         return None
     if r.type == "*/*":

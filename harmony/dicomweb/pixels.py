@@ -78,6 +78,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import UID
 
+from harmony.dicomweb.accept import FRAME_MEDIA_TYPES
 from harmony.errors import BadRequest, InternalError, NotAcceptable, NotFound
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -85,27 +86,6 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 OCTET_STREAM = "application/octet-stream"
 
-#: The media type of a frame as stored, by encapsulated transfer syntax
-#: (PS3.18 Table 8.7.3-5).
-FRAME_MEDIA_TYPES = {
-    "1.2.840.10008.1.2.4.50": "image/jpeg",
-    "1.2.840.10008.1.2.4.51": "image/jpeg",
-    "1.2.840.10008.1.2.4.57": "image/jpeg",
-    "1.2.840.10008.1.2.4.70": "image/jpeg",
-    "1.2.840.10008.1.2.4.80": "image/jls",
-    "1.2.840.10008.1.2.4.81": "image/jls",
-    "1.2.840.10008.1.2.4.90": "image/jp2",
-    "1.2.840.10008.1.2.4.91": "image/jp2",
-    "1.2.840.10008.1.2.4.92": "image/jpx",
-    "1.2.840.10008.1.2.4.93": "image/jpx",
-    "1.2.840.10008.1.2.4.201": "image/jphc",
-    "1.2.840.10008.1.2.4.202": "image/jphc",
-    "1.2.840.10008.1.2.4.203": "image/jphc",
-    "1.2.840.10008.1.2.4.110": "image/jxl",
-    "1.2.840.10008.1.2.4.111": "image/jxl",
-    "1.2.840.10008.1.2.4.112": "image/jxl",
-    "1.2.840.10008.1.2.5": "image/dicom-rle",
-}
 
 #: Rendered media types and the Pillow format that writes them.
 RENDERED_FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
