@@ -91,6 +91,9 @@ UNCOMPRESSED = accept.UNCOMPRESSED_TRANSFER_SYNTAXES
 
 DICOM_JSON = "application/dicom+json"
 
+#: Read size of retrieved instances sent on (fewer, larger writes).
+FILE_CHUNK = 512 * 1024
+
 #: STOW-RS failure reasons (PS3.18 Table I.2-? / PS3.4 C-STORE statuses).
 PROCESSING_FAILURE = 0x0110
 CANNOT_UNDERSTAND = 0xC000
@@ -588,7 +591,7 @@ class _Retrieve(_State):
         wanted = self._needs(instance)
         ts = instance.transfer_syntax
         if wanted is None:
-            body = Stream.from_path(instance.path, length=instance.size)
+            body = Stream.from_path(instance.path, length=instance.size, chunk_size=FILE_CHUNK)
         else:
             try:
                 data = await _in_thread(self.reactor, _convert, instance.path, wanted)
