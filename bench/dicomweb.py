@@ -60,6 +60,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -695,7 +696,14 @@ def report(targets, wado_targets, queries, samples, hcpu, conc, conc_clients, ru
 # ---------------------------------------------------------------------------
 
 
+def _exit_on_sigterm(signum, frame):
+    # SIGTERM (kill, timeout) unwinds like Ctrl-C: Harmony and Orthanc are
+    # stopped by main()'s finally, not left running.
+    raise SystemExit(128 + signum)
+
+
 def main():
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=100, help="instances in the retrieved study (default 100)")
     parser.add_argument("--rows", type=int, default=512, help="rows of each instance (default 512)")
