@@ -379,16 +379,51 @@ async def _each_dataset(state, result, what, defer_size="64 KB"):
 class _Search(_State):
     def __init__(self, bridge, query, choice, root):
         super().__init__(bridge)
+        self._required_keys = None
         self.query = query
         self.choice = choice
         self.root = root
 
+    @property
+    def _required(self):
+        """
+        C{(key, vr)} of the return attributes every match carries (empty
+        when the PACS left one out), RetrieveURL aside.
+        """
+        required = self._required_keys
+        if required is None:
+            from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+            required = []
+            for keyword in self.query.return_keywords:
+                tag = tag_for_keyword(keyword)
+                if tag is None:
+                    try:
+                        tag = int(keyword, 16)
+                    except ValueError:
+                        continue
+                if tag in (0x00081190, 0x00080052):
+                    continue
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    continue
+                required.append((f"{tag:08X}", vr if vr in _PLAIN_VRS else "UN"))
+            self._required_keys = required
+        return required
+
     def _prepare(self, value):
         """
         A match's DICOM JSON as QIDO answers it: without Query/Retrieve
-        Level, with its RetrieveURL.
+        Level, with every return attribute (empty when the PACS had none)
+        and its RetrieveURL.
         """
         value.pop("00080052", None)
+        missing = [(key, vr) for key, vr in self._required if key not in value]
+        if missing:
+            for key, vr in missing:
+                value[key] = {"vr": vr}
+            value = dict(sorted(value.items()))  # attributes in tag order
         study = _first(value, "0020000D")
         level = self.query.level
         url = None
@@ -449,6 +484,11 @@ class _Search(_State):
             body=f"--{boundary}--\r\n".encode("ascii"),
         )
 
+
+#: VRs a missing return attribute is given as is (ambiguous ones: UN).
+_PLAIN_VRS = frozenset(
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
 
 #: Stands for the public DICOMweb root in cached metadata (whose URLs
 #: must follow each request's host); DEL is in no DICOM text value.
@@ -692,10 +732,12 @@ async def _one_dataset(state, result, what):
     The dataset of the first retrieved instance (the rest is cancelled).
     """
     first = await _first_instance(result, what)
-    result.instances.cancel()
     try:
         return await _in_thread(state.reactor, _read_dataset, first.path)
     finally:
+        # Only now: cancelling lets the retrieve's spool area go, and the
+        # file was still to be read.
+        result.instances.cancel()
         if first.dispose is not None:
             first.dispose()
 

@@ -126,6 +126,20 @@ def test_search_becomes_a_find_and_matches_become_dicom_json(bridge):
     assert "00080052" not in value[0]  # QueryRetrieveLevel is not an attribute of the study
 
 
+def test_required_return_attributes_are_always_present(bridge):
+    env = request("studies", query={"PatientID": ["PID1"]})
+    bridge.request(env)
+    sparse = Dataset()  # a PACS that answers with fewer attributes than asked
+    sparse.StudyInstanceUID = "1.2.1"
+    response = result_of(bridge.response(env, ResponseEnvelope(
+        dicom=DicomResult(status=None, matches=Stream.from_iterable([sparse]), done=finished()))))
+    [value] = json.loads(body_of(response))
+    assert value["00080061"] == {"vr": "CS"}  # ModalitiesInStudy
+    assert value["00100010"] == {"vr": "PN"}  # PatientName
+    assert value["00201208"] == {"vr": "IS"}  # NumberOfStudyRelatedInstances
+    assert value["0020000D"]["Value"] == ["1.2.1"]
+
+
 def test_search_offset_and_limit_cancel_the_find(bridge):
     env = request("studies", query={"offset": ["1"], "limit": ["2"]})
     bridge.request(env)
@@ -366,7 +380,14 @@ def test_thumbnail_of_a_study_is_its_first_instance(bridge, tmp_path):
     items, disposed = retrieved(tmp_path, CT, MR)
     stream = Stream.from_iterable(items)
     cancelled = []
-    stream._on_cancel = lambda: cancelled.append(True)
+
+    def cancel():
+        # As a real retrieve: cancelling removes its spool area.
+        cancelled.append(True)
+        for item in items:
+            os.remove(item.path)
+
+    stream._on_cancel = cancel
     response = result_of(bridge.response(env, ResponseEnvelope(
         dicom=DicomResult(status=None, instances=stream, done=defer.Deferred()))))
     assert response.headers.get("content-type") == "image/jpeg"
