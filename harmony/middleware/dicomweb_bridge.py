@@ -91,6 +91,9 @@ UNCOMPRESSED = accept.UNCOMPRESSED_TRANSFER_SYNTAXES
 
 DICOM_JSON = "application/dicom+json"
 
+#: QIDO answers up to this size are sent whole (with a Content-Length).
+SMALL_ANSWER = 256 * 1024
+
 #: Read size of retrieved instances sent on (fewer, larger writes).
 FILE_CHUNK = 512 * 1024
 
@@ -457,14 +460,40 @@ class _Search(_State):
                 raise UpstreamUnavailable("The PACS failed the query")
             return self._empty()
         limit = query.limit
+        sent = 0
+        head = []
+        if self.choice.media_type == DICOM_JSON:
+            # Most answers are small: encoded whole, they go out in one
+            # write with a Content-Length (and a PACS failure is still a
+            # 502); past SMALL_ANSWER bytes the rest streams.
+            size = 0
+            item = first
+            while item is not EOF and size < SMALL_ANSWER:
+                data = _json_bytes(self._prepare(dicomjson.dataset_to_json(item)))
+                head.append(data)
+                size += len(data) + 1
+                sent += 1
+                if limit is not None and sent >= limit:
+                    matches.cancel()  # C-CANCEL: nothing more is wanted
+                    item = EOF
+                    break
+                item = await matches.read()
+            if item is EOF:
+                if limit is None or sent < limit:
+                    status, _ = await result.done
+                    if dimse_status.is_failure(status):
+                        raise UpstreamUnavailable("The PACS failed the query")
+                body = b"[" + b",".join(head) + b"]"
+                return ResponseEnvelope(status=200, headers=[("Content-Type", DICOM_JSON)], body=body)
+            first = item
 
         async def items():
-            sent = 0
+            count = sent
             item = first
             while item is not EOF:
                 yield item
-                sent += 1
-                if limit is not None and sent >= limit:
+                count += 1
+                if limit is not None and count >= limit:
                     matches.cancel()  # C-CANCEL: nothing more is wanted
                     return
                 item = await matches.read()
@@ -472,7 +501,7 @@ class _Search(_State):
             if dimse_status.is_failure(status):
                 raise UpstreamUnavailable("The PACS failed the query part way")
 
-        return _dataset_response(self.choice, items(), cancel=matches.cancel, prepare=self._prepare)
+        return _dataset_response(self.choice, items(), cancel=matches.cancel, prepare=self._prepare, head=head)
 
     def _empty(self):
         if self.choice.media_type == DICOM_JSON:
@@ -503,13 +532,18 @@ def _first(value, key):
     return values[0] if values else None
 
 
-def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None, prepare=None):
+def _json_bytes(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None, prepare=None, head=()):
     """
     A 200 answer streaming C{datasets} (an async iterable of pydicom
     datasets, or of DICOM JSON dicts when C{encoded}) as a DICOM JSON array
     or as C{multipart/related} DICOM XML parts.  With C{root}, the
     L{ROOT_MARK}s in the encoded values become C{root}; C{prepare} (a
-    C{dict -> dict} callable) finishes each DICOM JSON object.
+    C{dict -> dict} callable) finishes each DICOM JSON object; C{head}
+    holds objects encoded already (JSON bytes), sent first.
     """
     if prepare is None:
         prepare = _same
@@ -531,13 +565,15 @@ def _dataset_response(choice, datasets, cancel=None, encoded=False, root=None, p
 
         async def produce():
             sep = b"["
+            if head:
+                body.write(b"[" + b",".join(head))
+                sep = b","
             try:
                 async for ds in datasets:
                     value = ds if encoded else prepare(dicomjson.dataset_to_json(ds))
                     if not body.writable:
                         await body.wait_writable()
-                    data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-                    body.write(sep + rooted(data, json_root))
+                    body.write(sep + rooted(_json_bytes(value), json_root))
                     sep = b","
                 body.write(b"[]" if sep == b"[" else b"]")
                 body.finish()

@@ -153,6 +153,34 @@ def test_search_offset_and_limit_cancel_the_find(bridge):
     assert cancelled == [True]
 
 
+def test_small_answers_are_sent_whole_large_ones_stream(bridge, monkeypatch):
+    env = request("studies")
+    bridge.request(env)
+    response = result_of(bridge.response(env, ResponseEnvelope(
+        dicom=DicomResult(status=None, matches=Stream.from_iterable([match("1.2.1"), match("1.2.2")]),
+                          done=finished()))))
+    assert isinstance(response.body, bytes)  # one write, with a Content-Length
+    monkeypatch.setattr(dicomweb_bridge, "SMALL_ANSWER", 300)  # about one match
+    env = request("studies")
+    bridge.request(env)
+    response = result_of(bridge.response(env, ResponseEnvelope(
+        dicom=DicomResult(status=None, matches=Stream.from_iterable([match(f"1.2.{i}") for i in range(5)]),
+                          done=finished()))))
+    assert isinstance(response.body, Stream)
+    value = json.loads(body_of(response))
+    assert [v["0020000D"]["Value"][0] for v in value] == [f"1.2.{i}" for i in range(5)]
+    assert all(v["00081190"]["Value"] for v in value)
+
+
+def test_search_failing_after_the_first_match_is_a_502_when_small(bridge):
+    env = request("studies")
+    bridge.request(env)
+    d = bridge.response(env, ResponseEnvelope(
+        dicom=DicomResult(status=None, matches=Stream.from_iterable([match("1.2.1")]), done=finished(0xA700))))
+    with pytest.raises(UpstreamUnavailable):
+        result_of(d)
+
+
 def test_search_without_matches_is_an_empty_array(bridge):
     env = request("studies")
     bridge.request(env)
