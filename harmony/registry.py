@@ -215,11 +215,13 @@ def builtin_registry():
     from harmony.endpoints import dicomweb as dicomweb_endpoint
     from harmony.endpoints import fhir as fhir_endpoint
     from harmony.endpoints import http as http_endpoint
+    from harmony.endpoints import jmix as jmix_endpoint
     from harmony.middleware import (
         basic_auth,
         cors,
         dicomweb_bridge,
         header,
+        jmix_builder,
         json_extractor,
         jwt_auth,
         log_dump,
@@ -273,6 +275,9 @@ def builtin_registry():
             backend_options=dicomweb_backend.OPTIONS,
         )
     )
+    registry.add_service(
+        ServiceType(name="jmix", endpoint_factory=jmix_endpoint.JmixEndpoint, endpoint_options=jmix_endpoint.OPTIONS)
+    )
     registry.add_middleware(MiddlewareType("passthru", passthru.Passthru))
     registry.add_middleware(MiddlewareType("connect", passthru.Passthru))
     registry.add_middleware(jwt_auth.MIDDLEWARE_TYPE)
@@ -285,6 +290,7 @@ def builtin_registry():
     )
     registry.add_middleware(MiddlewareType("log_dump", log_dump.LogDump, log_dump.OPTIONS))
     registry.add_middleware(MiddlewareType("json_extractor", json_extractor.JsonExtractor, json_extractor.OPTIONS))
+    registry.add_middleware(MiddlewareType("jmix_builder", jmix_builder.JmixBuilder, jmix_builder.OPTIONS))
     registry.add_middleware(MiddlewareType("transform", transform.TransformMiddleware, transform.OPTIONS))
     registry.add_middleware(
         MiddlewareType(

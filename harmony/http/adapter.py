@@ -211,8 +211,8 @@ class HttpAdapter:
         if request.method == b"HEAD":
             # A HEAD answer describes the GET entity: keep its length.
             cl = response.headers.get("content-length")
-            if cl is None and body is not None and not isinstance(body, Stream):
-                cl = str(len(body))
+            if cl is None and body is not None and body_length(body) is not None:
+                cl = str(body_length(body))
             if cl is not None:
                 out.setRawHeaders(b"content-length", [cl.encode("latin-1")])
             if isinstance(body, Stream):

@@ -873,7 +873,7 @@ def test_targets_in_pipelines_file_name_that_file(tmp_path):
 def test_unknown_endpoint_service_type(tmp_path):
     error = load_error(tmp_path, BASIC.replace('service = "http"', 'service = "htp"'))
     assert_error(error, "harmony.toml", "endpoints.api_in.service",
-                 "unknown service type 'htp' (known: dicom_scp, dicomweb, echo, fhir, http)")
+                 "unknown service type 'htp' (known: dicom_scp, dicomweb, echo, fhir, http, jmix)")
 
 
 def test_unknown_backend_service_type(tmp_path):
@@ -950,7 +950,7 @@ def test_service_type_used_in_the_wrong_role(tmp_path):
 def test_unknown_service_lists_only_types_for_the_role(tmp_path):
     text = BASIC.replace('service = "http"', 'service = "nope"')
     error = load_error(tmp_path, text, registry=_dicom_registry())
-    assert error.message == "unknown service type 'nope' (known: dicom_scp, dicomweb, echo, fhir, http)"
+    assert error.message == "unknown service type 'nope' (known: dicom_scp, dicomweb, echo, fhir, http, jmix)"
     text = BASIC.replace('service = "echo"', 'service = "nope"')
     error = load_error(tmp_path, text, registry=_dicom_registry())
     assert error.message == "unknown service type 'nope' (known: dicom_scu, dicomweb, echo, fhir, http)"

@@ -463,6 +463,16 @@ class WriteResponseTests(AdapterTestCase):
         self.assertEqual(values(headers, b"content-length"), [b"42"])
         self.assertEqual(body, b"")
 
+    def test_head_with_stream_of_known_length(self):
+        # A file served as a stream (a JMIX zip): HEAD tells its length.
+        stream = Stream(length=35363)
+        response = ResponseEnvelope(status=200, body=stream)
+        d, request, connection = self.write(response, http_request(b"HEAD"))
+        self.assertTrue(stream.cancelled)
+        status, headers, body = connection.response()
+        self.assertEqual(values(headers, b"content-length"), [b"35363"])
+        self.assertEqual(body, b"")
+
     def test_no_body_statuses(self):
         for status in (204, 304):
             stream = Stream()

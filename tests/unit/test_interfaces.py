@@ -108,7 +108,7 @@ class ProviderTests(SynchronousTestCase):
             self.assertTrue(verifyObject(IMiddlewareType, mtype))
             options = mtype.options.validate(MIDDLEWARE_OPTIONS.get(name, {}), Where("t.toml"))
             self.assertTrue(verifyObject(IMiddleware, mtype.make("m", options, BuildContext())))
-        self.assertEqual(set(registry.service_names()), {"http", "echo", "dicom_scp", "dicom_scu", "dicomweb", "fhir"})
+        self.assertEqual(set(registry.service_names()), {"http", "echo", "dicom_scp", "dicom_scu", "dicomweb", "fhir", "jmix"})
 
     def test_made_by_service_types(self):
         registry = builtin_registry()

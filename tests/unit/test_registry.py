@@ -50,19 +50,19 @@ def _validated(schema, data):
 
 
 #: Harmony's own service types (kept in step with builtin_registry).
-BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "dicomweb", "echo", "fhir", "http"]
+BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "dicomweb", "echo", "fhir", "http", "jmix"]
 
 #: Harmony's own middleware types (kept in step with builtin_registry).
 BUILTIN_MIDDLEWARE = [
-    "basic_auth", "connect", "cors", "dicomweb_bridge", "header", "json_extractor", "jwt_auth", "log_dump", "metadata_transform",
-    "passthru", "path_filter", "transform",
+    "basic_auth", "connect", "cors", "dicomweb_bridge", "header", "jmix_builder", "json_extractor", "jwt_auth",
+    "log_dump", "metadata_transform", "passthru", "path_filter", "transform",
 ]
 
 
 def test_builtin_names():
     registry = builtin_registry()
     assert registry.service_names() == BUILTIN_SERVICES
-    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http"]
+    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http", "jmix"]
     assert registry.service_names("backend") == ["dicom_scu", "dicomweb", "echo", "fhir", "http"]
     assert registry.middleware_names() == BUILTIN_MIDDLEWARE
 
@@ -225,7 +225,7 @@ def test_service_names_by_role():
     registry = builtin_registry()
     _with_dicom(registry)
     assert registry.service_names() == BUILTIN_SERVICES
-    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http"]
+    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http", "jmix"]
     assert registry.service_names("backend") == ["dicom_scu", "dicomweb", "echo", "fhir", "http"]
 
 
@@ -341,7 +341,7 @@ def test_load_service_type(module_factory):
     assert obj is sys.modules[name].Store
     assert registry.service("store") is obj
     assert registry.service_names("backend") == ["dicom_scu", "dicomweb", "echo", "fhir", "http", "store"]
-    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http"]
+    assert registry.service_names("endpoint") == ["dicom_scp", "dicomweb", "echo", "fhir", "http", "jmix"]
 
 
 def test_load_type_name_is_case_insensitive(module_factory):

@@ -1,0 +1,1 @@
+"""JMIX packages: the package model and builder, validation, and the package store."""

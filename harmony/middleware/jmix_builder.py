@@ -1,0 +1,220 @@
+# -*- test-case-name: tests.unit.test_jmix_builder -*-
+"""
+C{jmix_builder}: JMIX packages built from a PACS on demand.
+
+In a pipeline of a C{jmix} endpoint and a C{dicom_scu} backend, for the
+endpoint's query route (C{GET api/jmix?studyInstanceUid=UID}):
+
+  1. the newest stored package of the study answers at once (the PACS is
+     not asked);
+  2. else, when another request is building that study's package, this one
+     waits for it and gets the same package (one build per study at a
+     time, L{harmony.jmix.store.PackageStore.build_once});
+  3. else this request builds it: the backend retrieves the study (C-GET or
+     C-MOVE per its C{dimse_retrieve_mode}); each instance, as it arrives,
+     is linked (or copied) out of the retrieve's spool into a staging area
+     of the store; then the package is built and zipped in a thread
+     (L{harmony.jmix.package.build_package}: the study is never held in
+     memory), indexed, and its zip is the answer.
+
+A study the PACS does not have is a 404; a PACS that cannot be reached a
+502 (504 when too slow); waiting requests get the same answer.
+
+Options: C{sender_name} (default C{"Harmony"}), C{sender_id} (default the
+C{[proxy] id}), C{sender_contact}, C{classification} (manifest
+C{security.classification}).
+"""
+
+import os
+import shutil
+import uuid
+import weakref
+
+from twisted.internet import defer, threads
+from zope.interface import implementer
+
+from harmony.config.schema import Field, Schema, Str
+from harmony.dimse import status as dimse_status
+from harmony.envelope import DicomRequest
+from harmony.errors import NotFound, UpstreamUnavailable, as_harmony_error
+from harmony.interfaces import IMiddleware
+from harmony.logs import logger
+from harmony.streams import EOF
+
+log = logger("harmony.middleware.jmix_builder")
+
+OPTIONS = Schema(
+    {
+        "sender_name": Field(Str(nonempty=True), "Harmony", "manifest sender name"),
+        "sender_id": Field(Str(), "", "manifest sender id (default: the [proxy] id)"),
+        "sender_contact": Field(Str(), "", "manifest sender contact"),
+        "classification": Field(Str(), "", "manifest security.classification"),
+    }
+)
+
+
+class _Build:
+    """
+    What the building request's response hook needs.
+    """
+
+    def __init__(self, store, study, skip_hashing, skip_listing):
+        self.store = store
+        self.study = study
+        self.skip_hashing = skip_hashing
+        self.skip_listing = skip_listing
+        self.requester = ("unknown", "unknown")
+        self.done = defer.Deferred()
+
+
+@implementer(IMiddleware)
+class JmixBuilder:
+    """
+    Serves or builds the package of the study a JMIX query names.
+    """
+
+    def __init__(self, name, options, context=None):
+        self.name = name
+        self.options = options
+        self._reactor = getattr(context, "reactor", None)
+        config = getattr(context, "config", None)
+        proxy_id = config.proxy.id if config is not None else "harmony"
+        self._sender = (options.sender_name, options.sender_id or proxy_id, options.sender_contact or None)
+        # id(DicomRequest) -> _Build of the requests building a package.
+        self._builds = {}
+
+    def request(self, envelope):
+        if envelope.metadata.get("jmix_action") != "build":
+            return None
+        return defer.Deferred.fromCoroutine(self._request(envelope))
+
+    async def _request(self, envelope):
+        from harmony.endpoints.jmix import store_for, zip_response
+
+        meta = envelope.metadata
+        store = store_for(meta["jmix_store"], self._reactor)
+        await store.ready
+        study = meta["jmix_study_uid"]
+        record = await store.newest_for_study(study)
+        if record is not None:
+            return zip_response(record)
+        build = _Build(store, study, meta.get("jmix_skip_hashing") == "true", meta.get("jmix_skip_listing") == "true")
+        # Who asked (the manifest's requester): the authenticated user, else
+        # the client's address.
+        client = envelope.details.client[0] if envelope.details.client else None
+        who = meta.get("auth.user") or client or "unknown"
+        build.requester = (who, who)
+        leader = []
+
+        def start():
+            leader.append(True)
+            return build.done
+
+        outcome = store.build_once(study, start)
+        if not leader:
+            # Another request is building it: its package (or its error).
+            try:
+                record = await outcome
+            except Exception as e:
+                raise as_harmony_error(e)
+            return zip_response(record)
+        # This request builds: the backend retrieves the study.
+        outcome.addErrback(lambda f: None)  # failures reach the waiters through build.done
+        from pydicom.dataset import Dataset
+
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study
+        request = DicomRequest("get", query_model="study", level="STUDY", identifier=identifier)
+        envelope.dicom = request
+        envelope.metadata["jmix_building"] = "true"
+        key = id(request)
+        self._builds[key] = build
+        # A request that never reaches the response hook (its client went
+        # away, the pipeline was cancelled) must not leave the requests
+        # waiting for its build hanging.
+        weakref.finalize(request, self._abandoned, key, build)
+        return None
+
+    def _abandoned(self, key, build):
+        self._builds.pop(key, None)
+        if not build.done.called:
+            build.done.errback(UpstreamUnavailable("The package build was abandoned"))
+
+    def response(self, envelope, response):
+        if envelope.metadata.get("jmix_building") != "true" or envelope.dicom is None:
+            return None
+        build = self._builds.pop(id(envelope.dicom), None)
+        if build is None:
+            return None
+        if response.dicom is None:
+            # The PACS could not be asked: the waiters get the same error.
+            error = response.metadata.get("error")
+            build.done.errback(UpstreamUnavailable(f"The package could not be built ({error or 'PACS error'})"))
+            return None
+        d = defer.Deferred.fromCoroutine(self._build(build, response.dicom))
+
+        def built(record):
+            build.done.callback(record)
+            from harmony.endpoints.jmix import zip_response
+
+            return zip_response(record)
+
+        def failed(failure):
+            build.done.errback(failure)
+            return failure
+
+        return d.addCallbacks(built, failed)
+
+    async def _build(self, build, result):
+        from harmony.jmix.package import Party, build_package
+
+        store = build.store
+        staging = os.path.join(store.root, ".staging", uuid.uuid4().hex)
+        pool = self._reactor.getThreadPool()
+        files = []
+        try:
+            await threads.deferToThreadPool(self._reactor, pool, os.makedirs, staging, 0o700, True)
+            while True:
+                instance = await result.instances.read()
+                if instance is EOF:
+                    break
+                target = os.path.join(staging, f"{len(files)}.dcm")
+                try:
+                    await threads.deferToThreadPool(self._reactor, pool, _link_or_copy, instance.path, target)
+                finally:
+                    if instance.dispose is not None:
+                        instance.dispose()
+                files.append(target)
+            status, _ = await result.done
+            if not files:
+                if dimse_status.is_failure(status) and result.failed:
+                    raise UpstreamUnavailable("The PACS failed to retrieve the study")
+                raise NotFound("The PACS has no such study")
+            name, sender_id, contact = self._sender
+            info = await threads.deferToThreadPool(
+                self._reactor, pool, lambda: build_package(
+                    files, store.root, sender=Party(name, sender_id, contact), requester=Party(*build.requester),
+                    skip_hashing=build.skip_hashing, skip_listing=build.skip_listing,
+                    classification=self.options.classification or None,
+                ),
+            )
+            await store.add(info)
+            record = await store.get(info.id)
+            if record is None:
+                raise UpstreamUnavailable("The package was built but could not be stored")
+            log.info("JMIX package built: {count} instances", count=info.instance_count)
+            return record
+        finally:
+            await threads.deferToThreadPool(self._reactor, pool, shutil.rmtree, staging, True)
+
+
+def _link_or_copy(source, target):
+    """
+    A hard link to C{source} (the spooled instance: no copy), or a copy
+    when the store is on another filesystem.
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

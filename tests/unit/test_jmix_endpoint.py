@@ -1,0 +1,99 @@
+"""
+The jmix endpoint's routes and request checks (the store and builds are
+tested with real files in tests/unit/test_jmix_store.py and the
+integration tests).
+"""
+
+import json
+
+import pytest
+
+from harmony.config.schema import Where
+from harmony.endpoints import jmix
+from harmony.envelope import RequestDetails, RequestEnvelope
+from harmony.errors import BadRequest, MethodNotAllowed, NotFound
+from harmony.http.routing import RouteTable
+
+PID = "0f8fad5b-d9cb-469f-a165-70867728950e"
+
+
+def endpoint(tmp_path, **options):
+    options.setdefault("path_prefix", "/jmix")
+    options.setdefault("store_dir", str(tmp_path / "store"))
+    return jmix.JmixEndpoint("j", jmix.OPTIONS.validate(options, Where("t.toml")))
+
+
+@pytest.mark.parametrize(
+    "method, path, expected",
+    [
+        ("GET", "api/jmix", ("query", None)),
+        ("HEAD", "api/jmix/", ("query", None)),
+        ("POST", "api/jmix", ("upload", None)),
+        ("GET", f"api/jmix/{PID}", ("package", PID)),
+        ("GET", f"api/jmix/{PID.upper()}", ("package", PID)),
+        ("HEAD", f"api/jmix/{PID}/manifest", ("manifest", PID)),
+    ],
+)
+def test_routes(method, path, expected):
+    assert jmix.classify(method, path, {}) == expected
+
+
+@pytest.mark.parametrize("path", ["", "api", "api/other", f"api/jmix/{PID}/other", f"api/jmix/{PID}/manifest/x"])
+def test_other_paths_are_not_ours(path):
+    assert jmix.classify("GET", path, {}) is None
+    assert not jmix._matches("GET", path)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "x", "0f8fad5b-d9cb-469f-a165-70867728950", "%2e%2e"])
+def test_ids_are_uuids(bad):
+    with pytest.raises(BadRequest):
+        jmix.classify("GET", f"api/jmix/{bad}", {})
+
+
+def test_route_table(tmp_path):
+    table = RouteTable("default")
+    for route in endpoint(tmp_path).http_routes():
+        table.add(route)
+    assert table.resolve("POST", "/jmix/api/jmix")[1] == "api/jmix"
+    assert table.resolve("GET", f"/jmix/api/jmix/{PID}/manifest")[1] == f"api/jmix/{PID}/manifest"
+    with pytest.raises(MethodNotAllowed):
+        table.resolve("POST", f"/jmix/api/jmix/{PID}")
+    with pytest.raises(NotFound):
+        table.resolve("GET", "/jmix/api/other")
+
+
+def query(ep, params, headers=()):
+    env = RequestEnvelope(details=RequestDetails(method="GET", path="api/jmix", query=params, headers=headers))
+    return env, ep.incoming(env)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({}, "studyInstanceUid is required"),
+        ({"studyInstanceUid": [""]}, "studyInstanceUid is required"),
+        ({"studyInstanceUid": ["1.2.x"]}, "not a valid DICOM UID"),
+        ({"studyInstanceUid": ["1.2.3"], "skip_hashing": ["maybe"]}, "skip_hashing must be true or false"),
+    ],
+)
+def test_bad_queries_are_400(tmp_path, params, message):
+    _, response = query(endpoint(tmp_path), params)
+    assert response.status == 400
+    assert message in json.loads(response.body)["message"]
+
+
+def test_store_dir_defaults_under_storage(tmp_path):
+    ep = jmix.JmixEndpoint("j", jmix.OPTIONS.validate({"path_prefix": "/jmix"}, Where("t.toml")))
+    assert ep.store_root.endswith("jmix")
+
+
+def test_upload_needs_a_zip(tmp_path):
+    from twisted.internet import task
+
+    ep = endpoint(tmp_path)
+    ep._reactor = task.Clock()
+    env = RequestEnvelope(details=RequestDetails(method="POST", path="api/jmix",
+                                                 headers=[("Content-Type", "application/json")]), body=b"{}")
+    out = []
+    ep._serve(ep._upload(env)).addBoth(out.append)
+    assert out[0].status == 415
