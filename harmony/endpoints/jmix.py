@@ -83,8 +83,17 @@ def store_for(root, reactor, ttl_secs=None, max_bytes=None):
         store = PackageStore(root, reactor=reactor, ttl_secs=ttl_secs, max_bytes=max_bytes,
                              clock=reactor if hasattr(reactor, "seconds") else None)
         store.ready = defer.maybeDeferred(store.start)
+        # Work areas a crash left behind (no build or upload runs yet).
+        store.ready.addCallback(
+            lambda _: threads.deferToThreadPool(reactor, reactor.getThreadPool(), _clear_work_areas, root)
+        )
         _STORES[root] = store
     return store
+
+
+def _clear_work_areas(root):
+    for name in (".staging", ".upload"):
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def classify(method, path, query):

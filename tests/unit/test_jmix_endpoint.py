@@ -5,6 +5,7 @@ integration tests).
 """
 
 import json
+import os
 
 import pytest
 
@@ -97,3 +98,13 @@ def test_upload_needs_a_zip(tmp_path):
     out = []
     ep._serve(ep._upload(env)).addBoth(out.append)
     assert out[0].status == 415
+
+
+def test_work_areas_left_by_a_crash_are_cleared(tmp_path):
+    root = tmp_path / "store"
+    for area in (".staging/abc", ".upload/def/x"):
+        (root / area).mkdir(parents=True)
+        (root / area / "part.dcm").write_bytes(b"left behind")
+    (root / "keep.txt").write_text("not a work area")
+    jmix._clear_work_areas(str(root))
+    assert sorted(os.listdir(root)) == ["keep.txt"]
