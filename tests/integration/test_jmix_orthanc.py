@@ -78,7 +78,9 @@ aet = "{aet}"
 host = "127.0.0.1"
 port = {port}
 local_aet = "{local_aet}"
-dimse_retrieve_mode = "get"
+dimse_retrieve_mode = "{mode}"
+incoming_store_port = {move_port}
+incoming_bind_addr = "127.0.0.1"
 storage_dir = "{spool}"
 connect_timeout_secs = 2
 timeout_secs = 30
@@ -150,20 +152,24 @@ def studies(orthanc, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gateway(orthanc, tmp_path_factory):
     directory = tmp_path_factory.mktemp("jmix-gateway")
-    port, dead_port = free_port(), free_port()
+    port, dead_port, move_port = free_port(), free_port(), free_port()
     flavours = {
-        # name: (prefix, PACS AE, PACS port, local AE)
-        "jx": ("jmix", orthanc.aet, orthanc.dicom_port, "HARMONYJX"),
-        "again": ("jmix-again", orthanc.aet, orthanc.dicom_port, "HARMONYJA"),
-        "down": ("jmix-down", "NOBODY", dead_port, "HARMONYJD"),
+        # name: (prefix, PACS AE, PACS port, local AE, retrieve mode)
+        "jx": ("jmix", orthanc.aet, orthanc.dicom_port, "HARMONYJX", "get"),
+        "again": ("jmix-again", orthanc.aet, orthanc.dicom_port, "HARMONYJA", "get"),
+        "move": ("jmix-move", orthanc.aet, orthanc.dicom_port, "HARMONYJM", "move"),
+        "down": ("jmix-down", "NOBODY", dead_port, "HARMONYJD", "get"),
     }
     pipelines = {
         f"jmix-{name}": PIPELINE.format(
-            name=name, prefix=prefix, aet=aet, port=pacs_port, local_aet=local_aet,
+            name=name, prefix=prefix, aet=aet, port=pacs_port, local_aet=local_aet, mode=mode,
+            move_port=move_port if mode == "move" else free_port(),
             store=directory / f"store-{name}", spool=directory / f"spool-{name}", max_body=MAX_BODY,
         )
-        for name, (prefix, aet, pacs_port, local_aet) in flavours.items()
+        for name, (prefix, aet, pacs_port, local_aet, mode) in flavours.items()
     }
+    # C-MOVE builds: Orthanc sends the study to HARMONYJM on move_port.
+    orthanc.add_modality("harmony-jmix-move", "HARMONYJM", move_port)
     pipelines["jmix-middleware"] = MIDDLEWARE
     extra = '\n[storage.options]\npath = "./storage"\n'
     config = write_config(directory, base_config(port, proxy_id="jmix-it", extra=extra), pipelines)
@@ -171,6 +177,7 @@ def gateway(orthanc, tmp_path_factory):
     yield SimpleNamespace(port=port, process=proc, directory=directory, store=directory / "store-jx",
                           url=f"http://127.0.0.1:{port}")
     proc.stop_cleanly()
+    orthanc.remove_modality("harmony-jmix-move")
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -497,6 +504,18 @@ def test_dicom_files_are_orthanc_s(main_build, studies):
         for tag in (0x00020002, 0x00020003, 0x00020010):
             assert ours_meta[tag].rstrip(b"\0 ") == theirs_meta[tag].rstrip(b"\0 "), (name, hex(tag))
     assert seen == set(main_build.orthanc) == {sop for s in main_build.study.series for sop in s.sops}
+
+
+def test_build_by_c_move_has_the_same_payload(main_build, gateway):
+    """
+    A dicom_scu backend in move mode builds the same package (Orthanc
+    C-MOVEs the study to Harmony's own store SCP).
+    """
+    response = build(gateway, main_build.study.uid, prefix="jmix-move")
+    moved = Package(response.body if response.status == 200 else b"")
+    assert assert_zip_response(response) != main_build.id
+    assert moved.payload() == main_build.package.payload()
+    assert moved.manifest["security"]["payload_hash"] == main_build.package.manifest["security"]["payload_hash"]
 
 
 def test_rebuild_has_the_same_payload(main_build, gateway):
