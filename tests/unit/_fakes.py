@@ -274,3 +274,38 @@ class AnsweringAgent:
 
     def request(self, method, uri, headers=None, bodyProducer=None):
         return defer.succeed(self.response)
+
+
+class FakeThreadPool:
+    """
+    A synchronous stand-in for C{ThreadPool}: work runs at once
+    (C{immediate=True}) or when L{run} is called; C{in_pool} is true while
+    a piece of work runs, so that fakes of blocking calls can check where
+    they are called from.
+    """
+
+    def __init__(self, immediate=True):
+        self.immediate = immediate
+        self.pending = []
+        self.in_pool = False
+        self.submitted = 0
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
+        self.submitted += 1
+        self.pending.append((onResult, func, args, kwargs))
+        if self.immediate:
+            self.run()
+
+    def run(self):
+        pending, self.pending = self.pending, []
+        for onResult, func, args, kwargs in pending:
+            self.in_pool = True
+            try:
+                result = func(*args, **kwargs)
+            except BaseException:
+                ok, result = False, Failure()
+            else:
+                ok = True
+            finally:
+                self.in_pool = False
+            onResult(ok, result)

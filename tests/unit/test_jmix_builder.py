@@ -12,9 +12,10 @@ import zipfile
 
 import pytest
 from test_jmix_package import make_study
-from test_jmix_store import FakeReactor, FakeThreadPool
+from test_jmix_store import FakeReactor
 from twisted.internet import defer
 
+from _fakes import FakeThreadPool
 from harmony.config.schema import Where
 from harmony.dimse.scu import read_part10_header
 from harmony.endpoints import jmix as jmix_endpoint

@@ -18,9 +18,9 @@ import pytest
 from _deferreds import failure_of, has_fired, result_of
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from _fakes import FakeThreadPool
 from harmony.errors import Conflict
 from harmony.jmix.store import INDEX_NAME, PackageRecord, PackageStore, check_id
 
@@ -47,40 +47,6 @@ class FakeReactor(Clock):
 
     def removeSystemEventTrigger(self, handle):
         del self.triggers[handle]
-
-
-class FakeThreadPool:
-    """
-    A synchronous stand-in for C{ThreadPool} (as in test_storage): work
-    runs at once (C{immediate=True}) or when L{run} is called; C{in_pool}
-    is true while a piece of work runs.
-    """
-
-    def __init__(self, immediate=True):
-        self.immediate = immediate
-        self.pending = []
-        self.in_pool = False
-        self.submitted = 0
-
-    def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
-        self.submitted += 1
-        self.pending.append((onResult, func, args, kwargs))
-        if self.immediate:
-            self.run()
-
-    def run(self):
-        pending, self.pending = self.pending, []
-        for onResult, func, args, kwargs in pending:
-            self.in_pool = True
-            try:
-                result = func(*args, **kwargs)
-            except BaseException:
-                ok, result = False, Failure()
-            else:
-                ok = True
-            finally:
-                self.in_pool = False
-            onResult(ok, result)
 
 
 def new_id():

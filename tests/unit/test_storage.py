@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
+from _fakes import FakeThreadPool
 from harmony.storage import FilesystemStorage, IStorage, IStorageWriter, StoredObject
 from harmony.storage.filesystem import TEMP_DIR, split_relpath
 from harmony.streams import EOF, Stream, StreamCancelled, collect
@@ -42,41 +43,6 @@ class FakeReactor:
         calls, self.calls = self.calls, []
         for f, args, kwargs in calls:
             f(*args, **kwargs)
-
-
-class FakeThreadPool:
-    """
-    A synchronous stand-in for C{ThreadPool}: work runs at once
-    (C{immediate=True}) or when L{run} is called; C{in_pool} is true while
-    a piece of work runs, so that fakes of blocking calls can check where
-    they are called from.
-    """
-
-    def __init__(self, immediate=True):
-        self.immediate = immediate
-        self.pending = []
-        self.in_pool = False
-        self.submitted = 0
-
-    def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
-        self.submitted += 1
-        self.pending.append((onResult, func, args, kwargs))
-        if self.immediate:
-            self.run()
-
-    def run(self):
-        pending, self.pending = self.pending, []
-        for onResult, func, args, kwargs in pending:
-            self.in_pool = True
-            try:
-                result = func(*args, **kwargs)
-            except BaseException:
-                ok, result = False, Failure()
-            else:
-                ok = True
-            finally:
-                self.in_pool = False
-            onResult(ok, result)
 
 
 def result_of(d):
