@@ -290,7 +290,7 @@ class JmixEndpoint(HttpEndpoint):
         try:
             os.makedirs(os.path.join(work, "x"), exist_ok=True)
             zip_path = os.path.join(work, "upload.zip")
-            await _write_body(envelope.body, zip_path)
+            await _write_body(envelope.body, zip_path, self._reactor)
             limit = envelope.content_limits.max_body_size if envelope.content_limits else None
             limit = (limit or 1 << 34) * 20  # uncompressed: at most 20x the upload
             package_id, reasons, root = await threads.deferToThreadPool(
@@ -308,16 +308,35 @@ class JmixEndpoint(HttpEndpoint):
         return ResponseEnvelope.json(201, {"id": package_id, "status": "stored"})
 
 
-async def _write_body(body, path):
+#: Upload bytes gathered before one write in the thread pool.
+WRITE_BATCH = 4 * 1024 * 1024
+
+
+async def _write_body(body, path, reactor):
     """
-    An upload's body (bytes or a stream) into C{path}, chunk by chunk.
+    An upload's body (bytes or a stream) into C{path}: written in the
+    reactor's thread pool, a few MiB at a time (an upload can be large).
     """
-    with open(path, "wb") as f:
-        if isinstance(body, Stream):
-            async for chunk in body:
-                f.write(chunk)
-        elif body:
-            f.write(body)
+    pool = reactor.getThreadPool()
+
+    def write(data, mode="ab"):
+        with open(path, mode) as f:
+            f.write(data)
+
+    await threads.deferToThreadPool(reactor, pool, write, b"", "wb")
+    if not isinstance(body, Stream):
+        if body:
+            await threads.deferToThreadPool(reactor, pool, write, bytes(body))
+        return
+    batch, size = [], 0
+    async for chunk in body:
+        batch.append(chunk)
+        size += len(chunk)
+        if size >= WRITE_BATCH:
+            await threads.deferToThreadPool(reactor, pool, write, b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        await threads.deferToThreadPool(reactor, pool, write, b"".join(batch))
 
 
 def _check_upload(zip_path, dest, max_bytes, max_files):
