@@ -386,6 +386,67 @@ class _Pipe:
             self._done.callback(None)
 
 
+@implementer(IPushProducer)
+class _CancelSource:
+    """
+    Stops the source stream when the relayed stream is cancelled.
+    """
+
+    def __init__(self, source):
+        self._source = source
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        self._source.cancel()
+
+
+def relay(source, head=(), transform=None, tail=None, length=None, high_water=None):
+    """
+    A new L{Stream} of the C{head} chunks, then every chunk of C{source}
+    (through C{transform}, which may hold bytes back by returning less),
+    then C{tail()}'s bytes; with backpressure (C{source} is read only while
+    the new stream has room).  Cancelling it cancels C{source}; an error of
+    C{source} reaches its consumer.
+
+    @param length: the new stream's length, when known.
+    @param high_water: its high-water mark (default: C{source}'s).
+    """
+    out = Stream(
+        high_water=source.high_water if high_water is None else high_water,
+        low_water=source.low_water if high_water is None else None,
+        length=length,
+    )
+    out.attach_producer(_CancelSource(source))
+    for chunk in head:
+        out.write(chunk)
+
+    async def run():
+        try:
+            async for chunk in source:
+                data = chunk if transform is None else transform(chunk)
+                if data:
+                    await out.wait_writable()
+                    out.write(data)
+            rest = tail() if tail is not None else b""
+            if rest:
+                await out.wait_writable()
+                out.write(rest)
+        except StreamCancelled:
+            return
+        except Exception:
+            out.fail(Failure())
+            return
+        out.finish()
+
+    defer.Deferred.fromCoroutine(run())
+    return out
+
+
 @implementer(IBodyProducer)
 class StreamBodyProducer:
     """

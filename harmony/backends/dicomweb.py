@@ -60,15 +60,12 @@ import re
 from urllib.parse import urlsplit
 
 import attr
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
-from harmony.backends.fhir import _CancelSource
 from harmony.backends.http import OPTIONS as HTTP_OPTIONS
 from harmony.backends.http import HttpBackend, _check_base_url, forwarded_headers
 from harmony.config.schema import Field, ListOf, Str
 from harmony.envelope import media_type
-from harmony.streams import Stream, StreamCancelled
+from harmony.streams import Stream, relay
 
 OPTIONS = HTTP_OPTIONS.extend(
     {
@@ -273,29 +270,7 @@ class UrlRewriter:
         (the upstream is read only while the output has room); cancelling
         it cancels C{source}; an error of C{source} reaches its consumer.
         """
-        out = Stream(high_water=source.high_water, low_water=source.low_water)
-        out.attach_producer(_CancelSource(source))
-
-        async def relay():
-            try:
-                async for chunk in source:
-                    data = self.feed(chunk)
-                    if data:
-                        await out.wait_writable()
-                        out.write(data)
-                rest = self.flush()
-                if rest:
-                    await out.wait_writable()
-                    out.write(rest)
-            except StreamCancelled:
-                return
-            except BaseException:
-                out.fail(Failure())
-                return
-            out.finish()
-
-        defer.Deferred.fromCoroutine(relay())
-        return out
+        return relay(source, transform=self.feed, tail=self.flush)
 
 
 class DicomwebBackend(HttpBackend):

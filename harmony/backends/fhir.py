@@ -34,9 +34,6 @@ import secrets
 
 import attr
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from harmony.backends.http import OPTIONS as HTTP_OPTIONS
 from harmony.backends.http import HttpBackend, _check_base_url
@@ -44,7 +41,7 @@ from harmony.config.schema import Field, Int, ListOf, Str
 from harmony.envelope import body_length, media_type
 from harmony.errors import UnsupportedMediaType
 from harmony.logs import logger
-from harmony.streams import Stream, StreamCancelled
+from harmony.streams import Stream, relay
 
 log = logger("harmony.backends.fhir")
 
@@ -243,49 +240,12 @@ class _LinkRewriter:
         return text.encode("utf-8")
 
 
-@implementer(IPushProducer)
-class _CancelSource:
-    """
-    Stops the source stream when the relayed stream is cancelled.
-    """
-
-    def __init__(self, source):
-        self._source = source
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        self._source.cancel()
-
-
 def prepend(head, source):
     """
     A L{Stream} of the C{head} chunks already read, then the rest of
     C{source}, with backpressure; cancelling it cancels C{source}.
     """
-    out = Stream(length=source.length)
-    out.attach_producer(_CancelSource(source))
-    for chunk in head:
-        out.write(chunk)
-
-    async def relay():
-        try:
-            async for chunk in source:
-                await out.wait_writable()
-                out.write(chunk)
-        except StreamCancelled:
-            return
-        except Exception:
-            out.fail(Failure())
-            return
-        out.finish()
-
-    defer.Deferred.fromCoroutine(relay())
-    return out
+    return relay(source, head=head, length=source.length)
 
 
 class FhirBackend(HttpBackend):

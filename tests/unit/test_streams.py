@@ -18,6 +18,7 @@ from harmony.streams import (
     StreamCancelled,
     body_producer,
     collect,
+    relay,
 )
 
 
@@ -515,3 +516,30 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertIsInstance(body_producer(b"x"), BytesBodyProducer)
         self.assertIsInstance(body_producer(bytearray(b"x")), BytesBodyProducer)
         self.assertIsInstance(body_producer(Stream()), StreamBodyProducer)
+
+    def test_relay_head_transform_tail(self):
+        source = Stream()
+        held = []
+
+        def transform(chunk):
+            # Holds the last byte back, as a rewriter keeps a carry-over.
+            data = b"".join(held) + chunk.upper()
+            held[:] = [data[-1:]]
+            return data[:-1]
+
+        out = relay(source, head=[b">"], transform=transform, tail=lambda: b"".join(held) + b"<", length=None)
+        source.write(b"ab")
+        source.write(b"cd")
+        source.finish()
+        self.assertEqual(self.successResultOf(collect(out)), b">ABCD<")
+
+    def test_relay_cancel_and_failure(self):
+        source = Stream()
+        out = relay(source)
+        out.cancel()
+        self.assertTrue(source.cancelled)
+        failing = Stream()
+        out = relay(failing)
+        d = collect(out)
+        failing.fail(ValueError("upstream lost"))
+        self.failureResultOf(d, ValueError)
