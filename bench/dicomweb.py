@@ -76,12 +76,15 @@ from dimse_query import (  # noqa: E402  (the helpers of the DIMSE query benchma
     MiB,
     OtherCpu,
     cpu_seconds,
+    exit_on_sigterm,
     fmt_mib,
     getscu_run,
     percentile,
     pin,
+    print_setup,
     read_status,
     reset_hwm,
+    split_cores,
     tail,
     warn_other,
 )
@@ -696,14 +699,8 @@ def report(targets, wado_targets, queries, samples, hcpu, conc, conc_clients, ru
 # ---------------------------------------------------------------------------
 
 
-def _exit_on_sigterm(signum, frame):
-    # SIGTERM (kill, timeout) unwinds like Ctrl-C: Harmony and Orthanc are
-    # stopped by main()'s finally, not left running.
-    raise SystemExit(128 + signum)
-
-
 def main():
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=100, help="instances in the retrieved study (default 100)")
     parser.add_argument("--rows", type=int, default=512, help="rows of each instance (default 512)")
@@ -737,12 +734,7 @@ def main():
     from harmonytest import free_port
 
     workdir = tempfile.mkdtemp(prefix="bench-dicomweb-")
-    ncpu = os.cpu_count() or 1
-    if ncpu >= 2:
-        harmony_cores, client_cores = "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
-        os.sched_setaffinity(0, set(range(1, ncpu)))  # Orthanc inherits it
-    else:
-        harmony_cores = client_cores = None
+    ncpu, harmony_cores, client_cores = split_cores()
     orthanc = None
     harmonies = []
     targets = []
@@ -752,13 +744,7 @@ def main():
         print("DICOMweb benchmark (bench/dicomweb.py)")
         print(f"  python      {sys.executable} ({sys.version.split()[0]}); pydicom {pydicom.__version__}; "
               f"Debian orthanc / orthanc-dicomweb {orthanc_version.replace(chr(10), ' ') or '?'}")
-        if harmony_cores is not None:
-            print(f"  cores       {ncpu}: Harmony on core {harmony_cores}; Orthanc, the client (this process) "
-                  f"and getscu on {client_cores}")
-        else:
-            print("  cores       1: no pinning")
-        print("  env         TCP_NODELAY=1 for every child; everything on 127.0.0.1")
-        print(f"  workdir     {workdir}", flush=True)
+        print_setup(ncpu, harmony_cores, client_cores, "Orthanc, the client (this process) and getscu", workdir)
 
         # 1. Orthanc and its data
         t = time.monotonic()

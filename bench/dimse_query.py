@@ -650,6 +650,40 @@ def warn_other(percent, hint="another test suite or benchmark?"):
 # ---------------------------------------------------------------------------
 
 
+def split_cores():
+    """
+    Harmony gets core 0, this process and its children (Orthanc, DCMTK
+    tools) the others: C{(ncpu, harmony cores, client cores)}, the cores
+    C{None} on a single-core machine (no pinning).
+    """
+    ncpu = os.cpu_count() or 1
+    if ncpu < 2:
+        return ncpu, None, None
+    os.sched_setaffinity(0, set(range(1, ncpu)))  # children inherit it
+    return ncpu, "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
+
+
+def print_setup(ncpu, harmony_cores, client_cores, clients, workdir):
+    """
+    The cores, environment and work directory lines of a bench's header.
+    """
+    if harmony_cores is not None:
+        print(f"  cores       {ncpu}: Harmony on core {harmony_cores}; {clients} on {client_cores}")
+    else:
+        print("  cores       1: no pinning")
+    print("  env         TCP_NODELAY=1 for every child; everything on 127.0.0.1")
+    print(f"  workdir     {workdir}", flush=True)
+
+
+def exit_on_sigterm(signum, frame):
+    """
+    A SIGTERM handler: SIGTERM (kill, timeout) unwinds like Ctrl-C, so a
+    bench's C{finally} stops Harmony and Orthanc instead of leaving them
+    running.
+    """
+    raise SystemExit(128 + signum)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", type=int, default=200, help="measured queries per path and mode (default 200)")
@@ -679,25 +713,15 @@ def main():
     workdir = tempfile.mkdtemp(prefix="bench-dimse-query-")
     store_root = tempfile.mkdtemp(prefix="bench-dimse-query-store-", dir=args.store_dir) if args.store_dir else workdir
     env = dict(os.environ, **PEER_ENV)
-    ncpu = os.cpu_count() or 1
-    if ncpu >= 2:
-        harmony_cores, client_cores = "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
-        os.sched_setaffinity(0, set(range(1, ncpu)))  # children (Orthanc, DCMTK tools) inherit it
-    else:
-        harmony_cores = client_cores = None
+    ncpu, harmony_cores, client_cores = split_cores()
     orthanc = harmony = None
     try:
         dcmtk_version = subprocess.run(["findscu", "--version"], capture_output=True, text=True).stdout.splitlines()
         print("DIMSE query/retrieve benchmark (bench/dimse_query.py)")
         print(f"  python      {sys.executable} ({sys.version.split()[0]}); pydicom {pydicom.__version__}; "
               f"{dcmtk_version[0].strip('$ ') if dcmtk_version else 'DCMTK ?'}")
-        if harmony_cores is not None:
-            print(f"  cores       {ncpu}: Harmony on core {harmony_cores}; Orthanc, the client (this process) and "
-                  f"DCMTK tools on {client_cores}")
-        else:
-            print("  cores       1: no pinning")
-        print("  env         TCP_NODELAY=1 for every child; everything on 127.0.0.1")
-        print(f"  workdir     {workdir}", flush=True)
+        print_setup(ncpu, harmony_cores, client_cores, "Orthanc, the client (this process) and DCMTK tools",
+                    workdir)
 
         # 1. Orthanc and its data
         t = time.monotonic()

@@ -49,6 +49,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,11 +66,14 @@ from dimse_query import (  # noqa: E402  (the helpers of the DIMSE query benchma
     MiB,
     OtherCpu,
     cpu_seconds,
+    exit_on_sigterm,
     fmt_mib,
     getscu_run,
     pin,
+    print_setup,
     read_status,
     reset_hwm,
+    split_cores,
     tail,
     warn_other,
 )
@@ -337,12 +341,6 @@ def measure_round(rnd, order, ctx):
 # ---------------------------------------------------------------------------
 
 
-def median(values):
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
 def report(runs, study_bytes, args):
     print(f"\nResults: {args.rounds} rounds (medians; [min..max] over the rounds)")
     hdr = (f"  {'measurement':<32} {'s':>7} {'[min..max]':>14} {'head s':>7} {'MiB':>7} {'MiB/s':>7} "
@@ -353,14 +351,16 @@ def report(runs, study_bytes, args):
     for m, label in MEASURES:
         rs = [r[m] for r in runs]
         secs = [r["seconds"] for r in rs]
-        s = med[m] = median(secs)
-        size = median([r["bytes"] for r in rs])
-        head = f"{median([r['head'] for r in rs]):.2f}" if rs[0]["head"] is not None else "-"
+        s = med[m] = statistics.median(secs)
+        size = statistics.median([r["bytes"] for r in rs])
+        head = f"{statistics.median([r['head'] for r in rs]):.2f}" if rs[0]["head"] is not None else "-"
         growth = max(r["hwm"] - r["rss0"] for r in rs)
         peak = max(r["hwm"] for r in rs)
         med[m + "_growth"], med[m + "_peak"], med[m + "_bytes"] = growth, peak, size
+        hcpu = statistics.median([r["hcpu"] for r in rs])
+        ocpu = statistics.median([r["ocpu"] for r in rs])
         print(f"  {label:<32} {s:7.2f} {f'[{min(secs):.2f}..{max(secs):.2f}]':>14} {head:>7} {size / MiB:7.1f} "
-              f"{size / MiB / s:7.1f} {median([r['hcpu'] for r in rs]):13.2f} {median([r['ocpu'] for r in rs]):13.2f} "
+              f"{size / MiB / s:7.1f} {hcpu:13.2f} {ocpu:13.2f} "
               f"{fmt_mib(peak):>16} {'+' + fmt_mib(growth):>10}")
     print("  (s: request to the last byte, or the getscu process's wall time; head: to the response head (the build "
           "is done before it); MiB: the zip, or the instances as stored; Harmony CPU: utime+stime of the Harmony "
@@ -388,12 +388,6 @@ def report(runs, study_bytes, args):
 # ---------------------------------------------------------------------------
 
 
-def _exit_on_sigterm(signum, frame):
-    # SIGTERM (kill, timeout) unwinds like Ctrl-C: Harmony and Orthanc are
-    # stopped by main()'s finally, not left running.
-    raise SystemExit(128 + signum)
-
-
 def start_harmony(workdir, args, port, cores, orthanc, stores, jmix_spool, get_spool):
     from harmonytest import TWISTD, Process
 
@@ -416,7 +410,7 @@ def start_harmony(workdir, args, port, cores, orthanc, stores, jmix_spool, get_s
 
 
 def main():
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=200, help="instances in the study (default 200)")
     parser.add_argument("--rows", type=int, default=512, help="rows of each instance (default 512)")
@@ -437,12 +431,7 @@ def main():
     from harmonytest import free_port
 
     workdir = tempfile.mkdtemp(prefix="bench-jmix-")
-    ncpu = os.cpu_count() or 1
-    if ncpu >= 2:
-        harmony_cores, client_cores = "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
-        os.sched_setaffinity(0, set(range(1, ncpu)))  # Orthanc and getscu inherit it
-    else:
-        harmony_cores = client_cores = None
+    ncpu, harmony_cores, client_cores = split_cores()
     orthanc = harmony = None
     try:
         versions = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "orthanc", "dcmtk"],
@@ -450,13 +439,7 @@ def main():
         print("JMIX benchmark (bench/jmix.py)")
         print(f"  python      {sys.executable} ({sys.version.split()[0]}); pydicom {pydicom.__version__}; "
               f"{versions or 'orthanc/dcmtk versions unknown'}")
-        if harmony_cores is not None:
-            print(f"  cores       {ncpu}: Harmony on core {harmony_cores}; Orthanc, getscu and the client (this "
-                  f"process) on {client_cores}")
-        else:
-            print("  cores       1: no pinning")
-        print("  env         TCP_NODELAY=1 for every child; everything on 127.0.0.1")
-        print(f"  workdir     {workdir}", flush=True)
+        print_setup(ncpu, harmony_cores, client_cores, "Orthanc, getscu and the client (this process)", workdir)
 
         # 1. Orthanc and the study
         t = time.monotonic()
