@@ -11,6 +11,7 @@ C{harmony check-config} runs the same code as startup.
 import attr
 from twisted.internet import defer
 
+from harmony.backends.targets import TargetedBackend, build_backend
 from harmony.config.errors import ConfigError
 from harmony.http.adapter import HttpAdapter
 from harmony.http.routing import RouteTable
@@ -52,6 +53,19 @@ class Gateway:
                 services += backend_services(reactor)
         return services
 
+    def target_status(self):
+        """
+        The selection state of every backend with targets, health checks,
+        retries or a circuit breaker (see L{TargetedBackend.status}).
+
+        @return: backend name -> status dict.
+        """
+        return {
+            name: backend.status()
+            for name, backend in sorted(self.backends.items())
+            if isinstance(backend, TargetedBackend)
+        }
+
     def close(self):
         """
         Close every backend.
@@ -74,7 +88,7 @@ def build_gateway(config, registry, context):
         for name, entry in config.endpoints.items()
     }
     backends = {
-        name: registry.service(entry.service).make_backend(name, entry.options, context)
+        name: build_backend(registry.service(entry.service), name, entry, context)
         for name, entry in config.backends.items()
     }
     executors = {}
@@ -156,6 +170,15 @@ def describe(gateway):
         lines.append(
             "    backends:   " + ", ".join(f"{b} ({config.backends[b].service})" for b in p.backends)
         )
+        for b in p.backends:
+            entry = config.backends[b]
+            if entry.targets:
+                lines.append(
+                    f"      {b}: {entry.selection.strategy} over "
+                    + ", ".join(f"{t.name} ({t.address}, weight {t.weight})" for t in entry.targets)
+                    + (", health checks" if entry.selection.health_check is not None else "")
+                    + (f", {entry.selection.retry.max_retries} retries" if entry.selection.retry.max_retries else "")
+                )
     dimse = [
         (ename, address, port)
         for ename, endpoint in sorted(gateway.endpoints.items())

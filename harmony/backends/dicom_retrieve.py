@@ -76,6 +76,10 @@ class Retriever:
         self._starting = None
         self._stopping = None
         self._users = 0
+        #: The retriever whose store SCP receives this one's moves: itself,
+        #: or, for the targets of one backend, the first target's (one
+        #: incoming_store_port).
+        self.listener_owner = self
 
     @property
     def options(self):
@@ -151,7 +155,7 @@ class Retriever:
         model = request.query_model or "study"
         if model not in MOVE_MODELS:
             raise BadRequest(f"Unknown query model {model!r}")
-        await self._hold_listener()
+        await self.listener_owner._hold_listener()
         incoming = self.router.expect(options.local_aet, storage, layout=layout, source_aet=None)
         try:
             association = await self.backend._associate(
@@ -159,7 +163,7 @@ class Retriever:
             )
         except BaseException as e:
             incoming.fail(e)
-            self._drop_listener()
+            self.listener_owner._drop_listener()
             settle.fail()
             raise
         try:
@@ -168,7 +172,7 @@ class Retriever:
             )
         except (LookupError, ValueError) as e:
             incoming.fail(e)
-            self._drop_listener()
+            self.listener_owner._drop_listener()
             await release_quietly(association)
             settle.fail()
             raise BadRequest(f"The PACS cannot retrieve this query: {e}")
@@ -186,7 +190,7 @@ class Retriever:
                 update_counts(result, suboperation_counts(outcome.fields))
                 incoming.finish()
             release_quietly(association)
-            self._drop_listener()
+            self.listener_owner._drop_listener()
             settle.operation_ended()
             result.done.callback(final_of(outcome, "retrieve"))
 

@@ -687,6 +687,24 @@ class DicomScuBackend:
             self._done(association)
             return status
 
+    def health_check(self, check):
+        """
+        One active health check: a C-ECHO.
+
+        @param check: the backend's validated C{health_check} table.
+        @return: Deferred[C{None}] when the PACS answered Success, else a
+            short reason (C{str}); the caller applies the timeout.
+        """
+
+        async def echo():
+            try:
+                status = await self._echo()
+            except (UpstreamUnavailable, UpstreamTimeout) as e:
+                return e.message
+            return None if status.status == dimse_status.SUCCESS else f"C-ECHO status 0x{status.status:04X}"
+
+        return defer.Deferred.fromCoroutine(echo())
+
     async def _store(self, instances, user_identity=None):
         """
         C-STORE each instance on one association (with the inbound peer's

@@ -45,8 +45,9 @@ OPTIONS = Schema(
     {
         "base_url": Field(Str(nonempty=True, check=_check_base_url), REQUIRED, "upstream base URL"),
         "timeout_secs": Field(
-            Number(min=0.001, max=3600), 30.0, "time allowed for the upstream's response headers"
+            Number(min=0.001, max=3600), 30.0, "time allowed for the upstream's response headers (connect included)"
         ),
+        "connect_timeout_secs": Field(Number(min=0.001, max=3600), 10.0, "time allowed to open a connection"),
     }
 )
 
@@ -170,6 +171,7 @@ class HttpBackend:
         self._clock = context.reactor
         self._base = options.base_url.rstrip("/")
         self._timeout = options.timeout_secs
+        self._connect_timeout = options.connect_timeout_secs
 
     def url(self, envelope):
         """
@@ -201,7 +203,10 @@ class HttpBackend:
         url = self.url(envelope).encode("latin-1")
 
         timed_out = []
-        d = self._agent.request(method.encode("ascii"), url, out_headers, producer)
+        if self._raw_headers:
+            d = self._agent.request(method.encode("ascii"), url, out_headers, producer, self._connect_timeout)
+        else:
+            d = self._agent.request(method.encode("ascii"), url, out_headers, producer)
 
         def on_timeout():
             timed_out.append(True)
@@ -253,5 +258,48 @@ class HttpBackend:
         response.deliverBody(_Feed(stream))
         return ResponseEnvelope(status=response.code, headers=headers, body=stream)
 
+    def health_check(self, check):
+        """
+        One active health check: C{GET <base_url><check.path>}.
+
+        @param check: the backend's validated C{health_check} table.
+        @return: Deferred[C{None}] when healthy, else a short reason
+            (C{str}); the caller applies the timeout (cancels it).
+        """
+        url = (self._base + "/" + check.path.lstrip("/")).encode("latin-1")
+        if self._raw_headers:
+            d = self._agent.request(b"GET", url, [], None, self._connect_timeout)
+        else:
+            d = self._agent.request(b"GET", url, TwistedHeaders(), None)
+
+        def answered(response):
+            finished = defer.Deferred()
+            response.deliverBody(_Discard(finished))
+            if response.code in check.expected_statuses:
+                return finished.addCallback(lambda _: None)
+            return finished.addCallback(lambda _: f"status {response.code}")
+
+        def failed(reason):
+            if reason.check(defer.CancelledError):
+                return reason
+            return reason.type.__name__
+
+        return d.addCallbacks(answered, failed)
+
     def close(self):
         return defer.succeed(None)
+
+
+class _Discard(Protocol):
+    """
+    Reads a response body and drops it (the connection can be reused).
+    """
+
+    def __init__(self, finished):
+        self._finished = finished
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        self._finished.callback(None)

@@ -209,11 +209,6 @@ def _validate(data, where, registry, path, base_dir, files):
     if "middleware_legacy" in data:
         data.pop("middleware_legacy")
         where.child("middleware_legacy").warn("deprecated legacy table, ignored")
-    if "targets" in data:
-        names = list(data["targets"])
-        raise where.child("targets", names and where.origins.get(("targets", names[0]))).error(
-            "targets are not supported by this version of Harmony (backends have one base_url)"
-        )
     for key in data:
         if key not in model.TOP_LEVEL.fields:
             raise where.child(key).error(unknown_key_message(key, model.TOP_LEVEL.fields))
@@ -232,7 +227,7 @@ def _validate(data, where, registry, path, base_dir, files):
     backends = {}
     for name, entry in top.backends.items():
         w = where.child("backends", where.origins.get(("backends", name))).child(name)
-        backends[name] = _service_entry(name, entry, w, registry, "backend")
+        backends[name] = _backend_entry(name, entry, w, registry, top.targets)
     middleware = {}
     for name, entry in top.middleware.items():
         w = where.child("middleware", where.origins.get(("middleware", name))).child(name)
@@ -247,6 +242,12 @@ def _validate(data, where, registry, path, base_dir, files):
         )
 
     used_backends = {b for p in pipelines.values() for b in p.backends}
+    used_targets = {t.name for b in backends.values() for t in b.targets}
+    for name in top.targets:
+        if name not in used_targets:
+            where.child("targets", where.origins.get(("targets", name))).child(name).warn(
+                "target is not used by any backend"
+            )
     used_mw = {m for p in pipelines.values() for m in p.request_middleware + p.response_middleware}
     for name in endpoints:
         if name not in owner:
@@ -312,7 +313,14 @@ def _legacy_registries(data, where, registry):
                     raise w.child("module").error(e.message)
 
 
-def _service_entry(name, entry, where, registry, role):
+_OWN = object()
+
+
+def _service_entry(name, entry, where, registry, role, options=_OWN):
+    """
+    An endpoint or backend entry; C{options}: the raw options to validate
+    (default: the entry's own; C{None}: none, a backend with targets).
+    """
     type_name = entry.service
     stype = registry.service(type_name, role)
     if stype is None:
@@ -322,10 +330,112 @@ def _service_entry(name, entry, where, registry, role):
     if schema is None:
         article = "an" if role == "endpoint" else "a"
         raise where.child("service").error(f"service type {type_name!r} cannot be used as {article} {role}")
-    options = schema.validate(dict(entry.options), where.child("options"))
+    if options is _OWN:
+        options = entry.options
+    if options is not None:
+        options = schema.validate(dict(options), where.child("options"))
     return model.ServiceEntry(
         name=name, service=stype.name, options=options, file=where.file
     )
+
+
+#: The address keys a target fills in, by kind.
+_URL_KEYS = ("base_url",)
+_DICOM_KEYS = ("aet", "host", "port")
+
+
+def _backend_entry(name, entry, where, registry, targets_table):
+    """
+    A backend: its options, and with C{targets} one set of options per
+    target (the target's address filled in); the selection, health-check,
+    breaker and retry tables validated.
+    """
+    raw = dict(entry.options)
+    retry_raw = dict(entry.retry or {})
+    if "max_retries" in raw:
+        # CONFIG.md: options.max_retries is the short form of retry.max_retries.
+        if "max_retries" in retry_raw:
+            raise where.child("options").child("max_retries").error(
+                "max_retries is given twice (options and [retry]); keep one"
+            )
+        retry_raw["max_retries"] = raw.pop("max_retries")
+    retry = model.RETRY.validate(retry_raw, where.child("retry"))
+    health = None
+    if entry.health_check is not None:
+        health = model.HEALTH_CHECK.validate(dict(entry.health_check), where.child("health_check"))
+    outlier = model.OUTLIER_DETECTION.validate(dict(entry.outlier_detection or {}), where.child("outlier_detection"))
+    breaker = model.CIRCUIT_BREAKER.validate(dict(entry.circuit_breaker or {}), where.child("circuit_breaker"))
+    resilient = bool(
+        entry.targets
+        or health is not None
+        or retry.max_retries
+        or entry.outlier_detection is not None
+        or entry.circuit_breaker is not None
+        or entry.rules
+    )
+    service = _service_entry(name, entry, where, registry, "backend", options=raw if not entry.targets else None)
+    targets = _targets(entry, raw, where, registry.service(service.service), targets_table)
+    selection = Options(
+        {
+            "strategy": entry.strategy,
+            "hash_key": entry.hash_key,
+            "rules": entry.rules,
+            "health_check": health,
+            "outlier_detection": outlier,
+            "circuit_breaker": breaker,
+            "retry": retry,
+            "resilient": resilient,
+        }
+    )
+    options = targets[0].options if targets else service.options
+    return attr.evolve(service, options=options, targets=targets, selection=selection)
+
+
+def _targets(entry, raw, where, stype, targets_table):
+    if not entry.targets:
+        if entry.rules:
+            raise where.child("rules").error("rules choose among targets: list the backend's targets")
+        return ()
+    fields = stype.backend_options.fields
+    if "base_url" in fields:
+        kind, keys = "url", _URL_KEYS
+    elif all(k in fields for k in _DICOM_KEYS):
+        kind, keys = "dicom", _DICOM_KEYS
+    else:
+        raise where.child("targets").error(
+            f"backends of service type {stype.name!r} have no address: they cannot have targets"
+        )
+    for key in keys:
+        if key in raw:
+            raise where.child("options").child(key).error(
+                f"{key} and targets are exclusive: each [targets.<name>] gives the address"
+            )
+    out = []
+    for i, tname in enumerate(entry.targets):
+        w = where.child("targets").child(i)
+        target = targets_table.get(tname)
+        if target is None:
+            raise w.error(_missing("target", tname, targets_table))
+        if kind == "url" and not target.url:
+            raise w.error(f"target {tname!r} has no url ({stype.name} backends need HTTP targets)")
+        if kind == "dicom" and target.url:
+            raise w.error(f"target {tname!r} has a url (dicom_scu backends need aet, host and port)")
+        values = dict(raw)
+        if kind == "url":
+            values["base_url"] = target.url
+            address = target.url
+        else:
+            values.update(aet=target.aet, host=target.host, port=target.port)
+            address = f"{target.aet}@{target.host}:{target.port}"
+        options = stype.backend_options.validate(values, where.child("options"))
+        out.append(model.TargetEntry(name=tname, weight=target.weight, address=address, options=options))
+    for i, rule in enumerate(entry.rules):
+        for j, tname in enumerate(rule.targets):
+            if tname not in entry.targets:
+                raise where.child("rules").child(i).child("targets").child(j).error(
+                    f"target {tname!r} is not one of this backend's targets ({', '.join(entry.targets)})"
+                )
+    return tuple(out)
 
 
 def _middleware_entry(name, entry, where, registry):

@@ -17,6 +17,7 @@ from harmony.config.schema import (
     Kind,
     ListOf,
     MapOf,
+    Number,
     Options,
     Schema,
     Str,
@@ -35,6 +36,28 @@ class ServiceEntry:
     service = attr.ib()
     options = attr.ib()
     file = attr.ib()
+    #: Backends only: the L{TargetEntry}s (empty: the options' own address).
+    targets = attr.ib(default=())
+    #: Backends only: strategy, hash_key, rules, health_check,
+    #: outlier_detection, circuit_breaker, retry (L{Options}), and
+    #: C{resilient}: whether any of them asks for the targets machinery.
+    selection = attr.ib(default=None)
+
+
+@attr.s(frozen=True)
+class TargetEntry:
+    """
+    One target of a backend: the backend's options with the target's
+    address (C{base_url}, or C{aet}/C{host}/C{port}) filled in.
+
+    @ivar address: the address for logs and status (C{url} or
+        C{AET@host:port}).
+    """
+
+    name = attr.ib()
+    weight = attr.ib()
+    address = attr.ib()
+    options = attr.ib()
 
 
 @attr.s(frozen=True)
@@ -131,6 +154,143 @@ SERVICE = Schema(
     }
 )
 
+class Glob(Kind):
+    """
+    A string, or an array of strings (any of them): a routing rule's value.
+    """
+
+    label = "string or array of strings"
+    _list = ListOf(Str())
+
+    def validate(self, value, where):
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and value:
+            return self._list.validate(value, where)
+        raise self.expected(value, where)
+
+
+class GlobMap(Kind):
+    """
+    A table of name -> L{Glob} (a rule's C{header}, C{query}, C{metadata}).
+    """
+
+    label = "table of strings or arrays of strings"
+
+    def validate(self, value, where):
+        if not isinstance(value, dict) or not value:
+            raise self.expected(value, where)
+        return Options({str(k): Glob().validate(v, where.child(k)) for k, v in value.items()})
+
+
+def _check_hash_key(value):
+    from harmony.backends.balancing import check_hash_key
+
+    return check_hash_key(value)
+
+
+def _check_target(options, where):
+    has_url = bool(options.url)
+    has_dicom = bool(options.aet or options.host or options.port)
+    if has_url and has_dicom:
+        raise where.error("a target has either url (HTTP, FHIR, DICOMweb) or aet/host/port (DICOM), not both")
+    if not has_url and not has_dicom:
+        raise where.error("a target needs url (HTTP, FHIR, DICOMweb) or aet, host and port (DICOM)")
+    if has_dicom:
+        for key in ("aet", "host", "port"):
+            if not options[key]:
+                raise where.child(key).error("required key is missing (DICOM targets have aet, host and port)")
+
+
+TARGET = Schema(
+    {
+        "url": Field(Str(check=_check_url), "", "base URL (HTTP, FHIR, DICOMweb backends)"),
+        "aet": Field(Str(), "", "the peer's AE title (dicom_scu backends)"),
+        "host": Field(Str(), ""),
+        "port": Field(Int(min=1, max=65535), 0),
+        "weight": Field(Int(min=1, max=1000), 1, "share of traffic (weighted, least_connections, hash)"),
+    },
+    check=_check_target,
+)
+
+RULE_MATCH = Schema(
+    {
+        "header": Field(GlobMap(), None),
+        "query": Field(GlobMap(), None),
+        "metadata": Field(GlobMap(), None),
+        "path": Field(Glob(), None),
+        "method": Field(Glob(), None),
+        "calling_aet": Field(Glob(), None),
+        "called_aet": Field(Glob(), None),
+        "operation": Field(Glob(), None),
+    }
+)
+
+RULE = Schema(
+    {
+        "match": Field(Table(RULE_MATCH), REQUIRED),
+        "targets": Field(ListOf(Str(nonempty=True), unique=True), REQUIRED),
+    }
+)
+
+HEALTH_CHECK = Schema(
+    {
+        "path": Field(Str(), "/", "HTTP-like targets: GET <url><path>; DICOM targets answer a C-ECHO"),
+        "expected_statuses": Field(ListOf(Int(min=100, max=599)), (200,)),
+        "interval_secs": Field(Number(min=0.01, max=3600), 5.0),
+        "timeout_secs": Field(Number(min=0.01, max=600), 2.0),
+        "healthy_threshold": Field(Int(min=1, max=100), 2, "consecutive successes to become healthy"),
+        "unhealthy_threshold": Field(Int(min=1, max=100), 2, "consecutive failures to become unhealthy"),
+    }
+)
+
+OUTLIER_DETECTION = Schema(
+    {
+        "consecutive_failures": Field(Int(min=0, max=10000), 5, "0 disables passive ejection"),
+        "base_ejection_secs": Field(Number(min=0.01, max=86400), 30.0),
+        "max_ejection_secs": Field(Number(min=0.01, max=86400), 300.0),
+    }
+)
+
+CIRCUIT_BREAKER = Schema(
+    {
+        "failure_threshold": Field(Int(min=0, max=10000), 5, "consecutive failures that open it; 0 disables"),
+        "open_secs": Field(Number(min=0.01, max=86400), 30.0),
+        "half_open_requests": Field(Int(min=1, max=1000), 1),
+        "success_threshold": Field(Int(min=1, max=1000), 1),
+    }
+)
+
+RETRY = Schema(
+    {
+        "max_retries": Field(Int(min=0, max=10), 0, "extra attempts (idempotent requests only)"),
+        "base_delay_secs": Field(Number(min=0, max=60), 0.025),
+        "max_delay_secs": Field(Number(min=0, max=600), 1.0),
+        "budget_ratio": Field(Number(min=0, max=10), 0.2),
+        "budget_min_per_sec": Field(Number(min=0, max=100000), 3.0),
+        "budget_window_secs": Field(Number(min=1, max=3600), 10.0),
+        "retry_non_idempotent": Field(Bool(), False, "also retry POST/PATCH and C-STORE/C-GET/C-MOVE"),
+        "retry_on_statuses": Field(ListOf(Int(min=100, max=599)), (502, 503, 504)),
+    }
+)
+
+BACKEND = SERVICE.extend(
+    {
+        "targets": Field(ListOf(Str(nonempty=True), unique=True), ()),
+        "strategy": Field(
+            Str(choices=("round_robin", "weighted", "least_connections", "failover", "hash"), lower=True),
+            "round_robin",
+        ),
+        "hash_key": Field(Str(nonempty=True, check=_check_hash_key), "client_ip"),
+        "rules": Field(ListOf(Table(RULE)), ()),
+        # Validated by the loader (max_retries may also come from options).
+        "health_check": Field(AnyTable(), None),
+        "outlier_detection": Field(AnyTable(), None),
+        "circuit_breaker": Field(AnyTable(), None),
+        "retry": Field(AnyTable(), None),
+    }
+)
+
 MIDDLEWARE = Schema(
     {
         "type": Field(Str(nonempty=True, lower=True), REQUIRED),
@@ -196,7 +356,8 @@ TOP_LEVEL = Schema(
         "proxy": Field(Table(PROXY), REQUIRED),
         "network": Field(MapOf(Table(NETWORK), "network"), Options()),
         "endpoints": Field(MapOf(Table(SERVICE), "endpoints"), Options()),
-        "backends": Field(MapOf(Table(SERVICE), "backends"), Options()),
+        "backends": Field(MapOf(Table(BACKEND), "backends"), Options()),
+        "targets": Field(MapOf(Table(TARGET), "targets"), Options()),
         "middleware": Field(MapOf(Table(MIDDLEWARE), "middleware"), Options()),
         "pipelines": Field(MapOf(Table(PIPELINE), "pipelines"), Options()),
         "logging": Field(Table(LOGGING), LOGGING.validate({}, None)),

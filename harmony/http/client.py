@@ -577,10 +577,11 @@ class PooledAgent:
         self._sweeper = None
         self._endpoints = {}
 
-    def request(self, method, uri, headers=None, bodyProducer=None):
+    def request(self, method, uri, headers=None, bodyProducer=None, connect_timeout=None):
         """
         C{IAgent.request}.  C{headers} may also be a list of C{(name, value)}
-        byte pairs (cheaper than a L{Headers}).
+        byte pairs (cheaper than a L{Headers}); C{connect_timeout} overrides
+        the agent's for the connection this request may open.
         """
         if _UNSAFE.search(uri) or _UNSAFE.search(method):
             return defer.fail(ValueError("spaces or control characters in the method or URL"))
@@ -599,30 +600,30 @@ class PooledAgent:
         if conn is not None:
             d = conn.send(method, target, host_header, headers, bodyProducer)
             if retryable:
-                d.addErrback(self._retry, conn, key, method, target, host_header, headers, bodyProducer)
+                d.addErrback(self._retry, conn, key, method, target, host_header, headers, bodyProducer, connect_timeout)
             return d
-        return self._connect_and_send(key, method, target, host_header, headers, bodyProducer)
+        return self._connect_and_send(key, method, target, host_header, headers, bodyProducer, connect_timeout)
 
-    def _retry(self, reason, conn, key, method, target, host_header, headers, producer):
+    def _retry(self, reason, conn, key, method, target, host_header, headers, producer, connect_timeout):
         # A reused connection closed by the server before it answered:
         # try once on a fresh connection.
         if reason.check(ResponseNeverReceived) and not conn._got_bytes:
-            return self._connect_and_send(key, method, target, host_header, headers, producer)
+            return self._connect_and_send(key, method, target, host_header, headers, producer, connect_timeout)
         return reason
 
-    def _connect_and_send(self, key, method, target, host_header, headers, producer):
+    def _connect_and_send(self, key, method, target, host_header, headers, producer, connect_timeout=None):
         conn = HTTP11Connection(self, key)
-        d = self._endpoint(key).connect(_ConnectionFactory(conn))
+        d = self._endpoint(key, connect_timeout or self._connect_timeout).connect(_ConnectionFactory(conn))
         return d.addCallback(lambda conn: conn.send(method, target, host_header, headers, producer))
 
-    def _endpoint(self, key):
-        endpoint = self._endpoints.get(key)
+    def _endpoint(self, key, timeout):
+        endpoint = self._endpoints.get((key, timeout))
         if endpoint is None:
             scheme, host, port = key
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
             if scheme == b"https":
                 endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
-            self._endpoints[key] = endpoint
+            self._endpoints[(key, timeout)] = endpoint
         return endpoint
 
     def _take_idle(self, key):

@@ -851,20 +851,152 @@ def test_management_disabled_is_accepted(tmp_path):
     assert config.management.base_path == "mgmt"
 
 
-def test_targets_are_an_error(tmp_path):
-    error = load_error(tmp_path, PROXY + '[targets.t1]\nurl = "https://api1.example.com"\n')
-    assert_error(
-        error,
-        "harmony.toml",
-        "targets",
-        "targets are not supported by this version of Harmony (backends have one base_url)",
-    )
+HTTP_TARGETS = PROXY + NETWORK + """
+[pipelines.p]
+networks = ["main"]
+endpoints = ["in"]
+backends = ["api"]
+
+[endpoints.in]
+service = "http"
+[endpoints.in.options]
+path_prefix = "/api"
+
+[backends.api]
+service = "http"
+targets = ["a", "b"]
+strategy = "weighted"
+rules = [{ match = { header = { "X-Tenant" = "t1" }, path = "p/*" }, targets = ["b"] }]
+[backends.api.options]
+timeout_secs = 3
+max_retries = 2
+[backends.api.health_check]
+path = "/health"
+interval_secs = 1
+
+[targets.a]
+url = "http://127.0.0.1:9001"
+weight = 3
+[targets.b]
+url = "http://127.0.0.1:9002"
+"""
+
+
+def test_targets_give_each_target_the_backend_options_with_its_address(tmp_path):
+    config = load(tmp_path, HTTP_TARGETS)
+    entry = config.backends.api
+    assert [(t.name, t.weight, t.address) for t in entry.targets] == [
+        ("a", 3, "http://127.0.0.1:9001"),
+        ("b", 1, "http://127.0.0.1:9002"),
+    ]
+    assert [t.options.base_url for t in entry.targets] == ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+    assert {t.options.timeout_secs for t in entry.targets} == {3.0}
+    selection = entry.selection
+    assert selection.strategy == "weighted"
+    assert selection.retry.max_retries == 2  # options.max_retries is retry.max_retries
+    assert "max_retries" not in entry.targets[0].options
+    assert selection.health_check.path == "/health"
+    assert selection.health_check.interval_secs == 1.0
+    assert selection.health_check.unhealthy_threshold == 2
+    assert selection.outlier_detection.consecutive_failures == 5
+    assert selection.circuit_breaker.failure_threshold == 5
+    assert selection.rules[0].targets == ("b",)
+    assert selection.rules[0].match.header == {"X-Tenant": ("t1",)}
+    assert selection.rules[0].match.path == ("p/*",)
+    assert selection.resilient
+
+
+def test_a_plain_backend_is_not_resilient(tmp_path):
+    config = load(tmp_path, BASIC)
+    entry = config.backends.api_out
+    assert entry.targets == ()
+    assert not entry.selection.resilient
+
+
+def test_dicom_targets(tmp_path):
+    base = PROXY + """
+[pipelines.d]
+endpoints = ["scp"]
+backends = ["pacs"]
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+port = 0
+[backends.pacs]
+service = "dicom_scu"
+targets = ["p1", "p2"]
+strategy = "hash"
+hash_key = "calling_aet"
+[backends.pacs.health_check]
+[targets.p1]
+aet = "PACS1"
+host = "127.0.0.1"
+port = 4242
+[targets.p2]
+aet = "PACS2"
+host = "127.0.0.1"
+port = 4243
+"""
+    entry = load(tmp_path, base).backends.pacs
+    assert [(t.options.aet, t.options.port, t.address) for t in entry.targets] == [
+        ("PACS1", 4242, "PACS1@127.0.0.1:4242"),
+        ("PACS2", 4243, "PACS2@127.0.0.1:4243"),
+    ]
+    assert entry.selection.strategy == "hash"
+    assert entry.selection.hash_key == "calling_aet"
+
+
+@pytest.mark.parametrize(
+    "change, keypath, message",
+    [
+        (('targets = ["a", "b"]', 'targets = ["a", "c"]'), "backends.api.targets.1",
+         "unknown target 'c'"),
+        (('timeout_secs = 3', 'timeout_secs = 3\nbase_url = "http://x"'), "backends.api.options.base_url",
+         "base_url and targets are exclusive: each [targets.<name>] gives the address"),
+        (('targets = ["b"] }]', 'targets = ["z"] }]'), "backends.api.rules.0.targets.0",
+         "target 'z' is not one of this backend's targets (a, b)"),
+        (('strategy = "weighted"', 'strategy = "random"'), "backends.api.strategy",
+         'expected one of round_robin, weighted, least_connections, failover, hash, got "random"'),
+        (('url = "http://127.0.0.1:9002"', 'aet = "X"\nhost = "h"\nport = 1'), "backends.api.targets.1",
+         "target 'b' has no url (http backends need HTTP targets)"),
+        (('url = "http://127.0.0.1:9002"', 'aet = "X"'), "targets.b.host",
+         "required key is missing (DICOM targets have aet, host and port)"),
+        (('url = "http://127.0.0.1:9002"', ''), "targets.b",
+         "a target needs url (HTTP, FHIR, DICOMweb) or aet, host and port (DICOM)"),
+        (('interval_secs = 1', 'interval_secs = 0'), "backends.api.health_check.interval_secs",
+         "must be at least 0.01, got 0"),
+        (('max_retries = 2', 'max_retries = 2\n[backends.api.retry]\nmax_retries = 1'),
+         "backends.api.options.max_retries", "max_retries is given twice (options and [retry]); keep one"),
+        (('strategy = "weighted"', 'strategy = "hash"\nhash_key = "cookie:x"'), "backends.api.hash_key",
+         "must be header:<name>, query:<name>, metadata:<key>, client_ip or calling_aet (got 'cookie:x')"),
+    ],
+)
+def test_target_errors(tmp_path, change, keypath, message):
+    old, new = change
+    assert old in HTTP_TARGETS
+    error = load_error(tmp_path, HTTP_TARGETS.replace(old, new))
+    assert error.file == "harmony.toml"
+    assert error.key == keypath
+    assert error.message == message
+
+
+def test_targets_of_an_echo_backend_are_an_error(tmp_path):
+    base = BASIC.replace('service = "echo"', 'service = "echo"\ntargets = ["t"]') + '[targets.t]\nurl = "http://x"\n'
+    error = load_error(tmp_path, base)
+    assert_error(error, "harmony.toml", "backends.api_out.targets",
+                 "backends of service type 'echo' have no address: they cannot have targets")
+
+
+def test_unused_target_warns(tmp_path):
+    config = load(tmp_path, HTTP_TARGETS + '[targets.spare]\nurl = "http://127.0.0.1:9003"\n')
+    assert "harmony.toml: targets.spare: target is not used by any backend" in config.warnings
 
 
 def test_targets_in_pipelines_file_name_that_file(tmp_path):
-    error = load_error(tmp_path, PROXY, {"t.toml": '[targets.t1]\nurl = "https://api1.example.com"\n'})
+    error = load_error(tmp_path, PROXY, {"t.toml": '[targets.t1]\nweight = 1\n'})
     assert error.file == "pipelines/t.toml"
-    assert error.key == "targets"
+    assert error.key == "targets.t1"
 
 
 # Service and middleware types -------------------------------------------------------
