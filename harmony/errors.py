@@ -8,6 +8,8 @@ Every error carries the HTTP status it maps to, a short machine-readable
 its own protocol (HTTP JSON, FHIR OperationOutcome, DICOMweb, DIMSE status).
 """
 
+import math
+
 
 class HarmonyError(Exception):
     """
@@ -94,6 +96,25 @@ class UnsupportedMediaType(HarmonyError):
     status = 415
     error = "unsupported_media_type"
     default_message = "Unsupported media type"
+
+
+class TooManyRequests(HarmonyError):
+    """
+    A rate limit refused the request (429); C{Retry-After} says when to
+    try again.
+
+    @ivar retry_after: whole seconds until a retry may succeed (>= 1).
+    """
+
+    status = 429
+    error = "too_many_requests"
+    default_message = "Too many requests"
+
+    def __init__(self, retry_after=1, message=None):
+        self.retry_after = max(1, math.ceil(retry_after))
+        unit = "second" if self.retry_after == 1 else "seconds"
+        message = message or f"Too many requests: retry after {self.retry_after} {unit}"
+        super().__init__(message, [("Retry-After", str(self.retry_after))])
 
 
 class InternalError(HarmonyError):

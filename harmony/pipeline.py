@@ -9,14 +9,16 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from harmony.envelope import RequestEnvelope, ResponseEnvelope
-from harmony.errors import HarmonyError, InternalError, UpstreamUnavailable
+from harmony.errors import HarmonyError, InternalError, ServiceUnavailable, UpstreamUnavailable
 from harmony.logs import logger
 from harmony.streams import Stream
 
 log = logger("harmony.pipeline")
 
-#: Methods that may be sent again to the next backend.
+#: Methods that may be sent again to the next backend (RFC 9110 idempotent methods).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+#: DIMSE operations that may be sent again.
+IDEMPOTENT_OPERATIONS = frozenset({"echo", "find"})
 
 
 _START = object()
@@ -203,7 +205,7 @@ class PipelineExecutor:
     def _may_fail_over(self, envelope):
         method = envelope.details.method
         if envelope.dicom is not None:
-            return envelope.dicom.operation in ("echo", "find")
+            return envelope.dicom.operation in IDEMPOTENT_OPERATIONS
         return method in IDEMPOTENT_METHODS or self.failover_non_idempotent
 
     def _call_backends(self, envelope, i):
@@ -227,7 +229,8 @@ class PipelineExecutor:
         return d
 
     def _fail_over(self, failure, envelope, i):
-        failure.trap(UpstreamUnavailable)
+        # Unreachable, or (a backend with targets) none of its targets available.
+        failure.trap(UpstreamUnavailable, ServiceUnavailable)
         if not self._may_fail_over(envelope):
             return failure
         if isinstance(envelope.body, Stream):

@@ -228,6 +228,7 @@ def builtin_registry():
         metadata_transform,
         passthru,
         path_filter,
+        rate_limit,
         transform,
     )
 
@@ -285,6 +286,7 @@ def builtin_registry():
     registry.add_middleware(MiddlewareType("path_filter", path_filter.PathFilter, path_filter.OPTIONS))
     registry.add_middleware(MiddlewareType("header", header.HeaderMiddleware, header.OPTIONS))
     registry.add_middleware(MiddlewareType("cors", cors.CorsMiddleware, cors.OPTIONS))
+    registry.add_middleware(rate_limit.MIDDLEWARE_TYPE)
     registry.add_middleware(
         MiddlewareType("dicomweb_bridge", dicomweb_bridge.DicomwebBridge, dicomweb_bridge.OPTIONS)
     )

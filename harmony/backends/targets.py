@@ -39,14 +39,11 @@ from harmony.backends.health import ActiveHealth, CircuitBreaker, OutlierDetecto
 from harmony.errors import ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
 from harmony.interfaces import IBackend
 from harmony.logs import logger
+from harmony.pipeline import IDEMPOTENT_METHODS, IDEMPOTENT_OPERATIONS
 from harmony.streams import Stream
 
 log = logger("harmony.backends.targets")
 
-#: HTTP methods sent again on a failure (RFC 9110 idempotent methods).
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
-#: DIMSE operations sent again on a failure.
-IDEMPOTENT_OPERATIONS = frozenset({"echo", "find"})
 
 _FAILURES = (UpstreamUnavailable, UpstreamTimeout)
 

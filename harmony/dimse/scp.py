@@ -17,8 +17,10 @@ Association policy (PS3.8 9.3.4 reasons):
   - calling AE title must be allowed (when a list is configured): reason 3
     "calling AE title not recognized";
   - application context must be DICOM's: reason 2;
-  - at most C{max_associations} at once: rejected transiently, source
-    service-provider (presentation), reason 2 "local limit exceeded".
+  - at most C{max_associations} at once, and at most
+    C{max_associations_per_aet} from one calling AE title (when not 0):
+    rejected transiently, source service-provider (presentation), reason 2
+    "local limit exceeded".
 """
 
 import attr
@@ -57,6 +59,8 @@ class SCPPolicy:
     @ivar require_called_aet: reject a called AE title other than ours.
     @ivar allowed_calling_aets: calling AE titles allowed (empty: any).
     @ivar max_associations: concurrent associations accepted.
+    @ivar max_associations_per_aet: concurrent associations accepted from
+        one calling AE title (0: no limit but C{max_associations}).
     @ivar syntaxes: abstract syntax -> accepted transfer syntaxes.
     """
 
@@ -66,6 +70,7 @@ class SCPPolicy:
     allowed_calling_aets = attr.ib(factory=frozenset, converter=frozenset)
     max_associations = attr.ib(default=32)
     requestor_scp_allowed = attr.ib(factory=frozenset, converter=frozenset)
+    max_associations_per_aet = attr.ib(default=0)
 
 
 class DicomServerFactory(Factory):
@@ -90,6 +95,8 @@ class DicomServerFactory(Factory):
         self.services = dict(services or {})
         self.enable_echo = enable_echo
         self.active = set()
+        #: calling AE title -> associations of C{active} it opened.
+        self.active_by_aet = {}
         self._acceptor = AcceptorPolicy(policy.syntaxes, policy.requestor_scp_allowed)
 
     def buildProtocol(self, addr):
@@ -105,6 +112,7 @@ class DicomServerFactory(Factory):
         """
         policy = self.policy
         reject = None
+        limit = ""
         if rq.application_context != pdu.DICOM_APPLICATION_CONTEXT:
             reject = pdu.AssociateRJ(RJ_PERMANENT, RJ_SOURCE_USER, RJ_APPLICATION_CONTEXT)
         elif policy.require_called_aet and rq.called_aet != policy.ae_title:
@@ -113,14 +121,22 @@ class DicomServerFactory(Factory):
             reject = pdu.AssociateRJ(RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLING_AE)
         elif len(self.active) >= policy.max_associations:
             reject = pdu.AssociateRJ(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, RJ_LOCAL_LIMIT)
+            limit = f" (max_associations = {policy.max_associations} reached)"
+        elif (
+            policy.max_associations_per_aet
+            and self.active_by_aet.get(rq.calling_aet, 0) >= policy.max_associations_per_aet
+        ):
+            reject = pdu.AssociateRJ(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, RJ_LOCAL_LIMIT)
+            limit = f" (max_associations_per_aet = {policy.max_associations_per_aet} reached)"
         if reject is not None:
             log.info(
-                "Association from {calling} to {called} ({peer}) rejected: source {source}, reason {reason}",
+                "Association from {calling} to {called} ({peer}) rejected: source {source}, reason {reason}{limit}",
                 calling=rq.calling_aet,
                 called=rq.called_aet,
                 peer=_peer(association),
                 source=reject.source,
                 reason=reject.reason,
+                limit=limit,
             )
             return reject, None
         contexts, accepted, roles = negotiate_as_acceptor(rq.contexts, self._acceptor, rq.roles)
@@ -134,6 +150,7 @@ class DicomServerFactory(Factory):
             roles=roles,
         )
         self.active.add(association)
+        self.active_by_aet[rq.calling_aet] = self.active_by_aet.get(rq.calling_aet, 0) + 1
         log.info(
             "Association from {calling} ({peer}) to {called} accepted: {accepted} of {proposed} contexts",
             calling=rq.calling_aet,
@@ -145,7 +162,15 @@ class DicomServerFactory(Factory):
         return ac, accepted
 
     def ended(self, association):
+        if association not in self.active:
+            return
         self.active.discard(association)
+        aet = association.rq.calling_aet
+        left = self.active_by_aet.get(aet, 0) - 1
+        if left > 0:
+            self.active_by_aet[aet] = left
+        else:
+            self.active_by_aet.pop(aet, None)
 
 
 #: Largest request identifier accepted by a query/retrieve service (it is

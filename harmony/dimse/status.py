@@ -26,8 +26,8 @@ CANCEL = 0xFE00
 PENDING = 0xFF00
 PENDING_WARNING = 0xFF01
 
-#: Typed error -> failure status.  Transient upstream problems answer
-#: "Refused: Out of Resources" (the SCU may retry later).
+#: Typed error -> failure status.  Transient upstream problems and rate
+#: limits answer "Refused: Out of Resources" (the SCU may retry later).
 _BY_ERROR = (
     (errors.Unauthorized, NOT_AUTHORIZED),
     (errors.Forbidden, NOT_AUTHORIZED),
@@ -37,6 +37,7 @@ _BY_ERROR = (
     (errors.UpstreamUnavailable, OUT_OF_RESOURCES),
     (errors.UpstreamTimeout, OUT_OF_RESOURCES),
     (errors.ServiceUnavailable, OUT_OF_RESOURCES),
+    (errors.TooManyRequests, OUT_OF_RESOURCES),
 )
 
 

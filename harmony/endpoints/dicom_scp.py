@@ -154,6 +154,9 @@ OPTIONS = Schema(
         "allowed_calling_aets": Field(ListOf(Str(nonempty=True, check=_check_aet)), ()),
         "require_called_aet": Field(Bool(), True),
         "max_associations": Field(Int(min=1, max=10000), 32),
+        "max_associations_per_aet": Field(
+            Int(min=0, max=10000), 0, "concurrent associations from one calling AE title (0: no limit)"
+        ),
         "max_pdu_length": Field(Int(min=0, max=0xFFFFFFFF), 131072, "0 = unlimited"),
         "idle_timeout_secs": Field(Number(min=0.001), 60.0),
         "dimse_timeout_secs": Field(Number(min=0.001), 30.0),
@@ -221,6 +224,7 @@ class DicomScpEndpoint:
             require_called_aet=options.require_called_aet,
             allowed_calling_aets=options.allowed_calling_aets,
             max_associations=options.max_associations,
+            max_associations_per_aet=options.max_associations_per_aet,
             requestor_scp_allowed=scp_role,
         )
 

@@ -103,6 +103,7 @@ def test_dicom_alias_and_defaults(tmp_path):
     assert tuple(options.allowed_calling_aets) == ()
     assert options.require_called_aet is True
     assert options.max_associations == 32
+    assert options.max_associations_per_aet == 0
     assert options.max_pdu_length == 131072
     assert options.idle_timeout_secs == 60.0
     assert options.dimse_timeout_secs == 30.0
@@ -128,6 +129,7 @@ def test_options_given(tmp_path):
         allowed_calling_aets = ["A", "B"]
         require_called_aet = false
         max_associations = 3
+        max_associations_per_aet = 2
         max_pdu_length = 0
         idle_timeout_secs = 5
         artim_timeout_secs = 2.5
@@ -141,6 +143,7 @@ def test_options_given(tmp_path):
     assert options.storage_layout == "{sop}.dcm"
     assert tuple(options.allowed_calling_aets) == ("A", "B")
     assert options.max_pdu_length == 0
+    assert (options.max_associations, options.max_associations_per_aet) == (3, 2)
     assert options.idle_timeout_secs == 5
 
 
@@ -165,6 +168,8 @@ def test_options_given(tmp_path):
         ('local_aet = "A"\nstorage_layout = ""', "storage_layout"),
         ('local_aet = "A"\nallowed_calling_aets = ["OK", "THIS_ONE_IS_TOO_LONG"]', "allowed_calling_aets"),
         ('local_aet = "A"\nmax_associations = 0', "max_associations"),
+        ('local_aet = "A"\nmax_associations_per_aet = -1', "max_associations_per_aet"),
+        ('local_aet = "A"\nmax_associations_per_aet = "2"', "max_associations_per_aet"),
         ('local_aet = "A"\nmax_pdu_length = -1', "max_pdu_length"),
         ('local_aet = "A"\nidle_timeout_secs = 0', "idle_timeout_secs"),
         ('local_aet = "A"\nsop_classes = ["CT Image Storage"]', "sop_classes"),
@@ -239,6 +244,7 @@ def test_policy_echo_only_by_default(tmp_path):
     assert policy.require_called_aet is True
     assert policy.allowed_calling_aets == frozenset()
     assert policy.max_associations == 32
+    assert policy.max_associations_per_aet == 0
 
 
 def test_policy_with_store(tmp_path):
@@ -282,6 +288,7 @@ def test_policy_overrides(tmp_path):
         allowed_calling_aets = ["MODALITY"]
         require_called_aet = false
         max_associations = 2
+        max_associations_per_aet = 1
         """,
     )
     policy = endpoint.policy()
@@ -293,6 +300,7 @@ def test_policy_overrides(tmp_path):
     assert policy.allowed_calling_aets == frozenset({"MODALITY"})
     assert policy.require_called_aet is False
     assert policy.max_associations == 2
+    assert policy.max_associations_per_aet == 1
 
 
 def test_sop_classes_ignored_without_store(tmp_path):
@@ -314,6 +322,7 @@ def test_sop_classes_ignored_without_store(tmp_path):
         (errors.UpstreamUnavailable(), dimse_status.OUT_OF_RESOURCES),
         (errors.UpstreamTimeout(), dimse_status.OUT_OF_RESOURCES),
         (errors.ServiceUnavailable(), dimse_status.OUT_OF_RESOURCES),
+        (errors.TooManyRequests(3), dimse_status.OUT_OF_RESOURCES),
         (errors.NotFound(), dimse_status.PROCESSING_FAILURE),
         (errors.MethodNotAllowed(), dimse_status.PROCESSING_FAILURE),
         (errors.InternalError(), dimse_status.PROCESSING_FAILURE),

@@ -89,6 +89,52 @@ class EchoTests(SynchronousTestCase):
         error = self.failureResultOf(second, AssociationRejected).value
         self.assertEqual((error.result, error.source, error.reason), (2, 3, 2))
 
+    def test_too_many_associations_from_one_calling_ae(self):
+        policy = SCPPolicy("HARMONY", SYNTAXES, max_associations=10, max_associations_per_aet=2)
+        server = DicomServerFactory(self.reactor, policy)
+        first = self.successResultOf(self.connect(calling="CT1", server=server)[0])
+        d, pump2, _ = self.connect(calling="CT1", server=server)
+        second = self.successResultOf(d)
+        self.assertEqual(server.active_by_aet, {"CT1": 2})
+        # A third from CT1: rejected transiently, service-provider (presentation), local limit exceeded.
+        third, _, _ = self.connect(calling="CT1", server=server)
+        error = self.failureResultOf(third, AssociationRejected).value
+        self.assertEqual((error.result, error.source, error.reason), (2, 3, 2))
+        # Other AEs are not affected.
+        self.successResultOf(self.connect(calling="MR1", server=server)[0])
+        self.assertEqual(server.active_by_aet, {"CT1": 2, "MR1": 1})
+        # Once one of CT1's associations ends, CT1 may associate again.
+        released = second.release()
+        pump2.flush()
+        self.successResultOf(released)
+        self.assertEqual(server.active_by_aet, {"CT1": 1, "MR1": 1})
+        self.successResultOf(self.connect(calling="CT1", server=server)[0])
+        self.assertEqual(len(server.active), 3)
+        self.assertTrue(first.reusable)
+
+    def test_per_ae_count_follows_aborts_and_rejections(self):
+        settings = AssociationSettings(idle_timeout=5)
+        server = DicomServerFactory(
+            self.reactor, SCPPolicy("HARMONY", SYNTAXES, max_associations_per_aet=1), settings
+        )
+        d, pump, _ = self.connect(calling="CT1", server=server)
+        self.successResultOf(d)
+        self.failureResultOf(self.connect(calling="CT1", server=server)[0], AssociationRejected)
+        self.assertEqual(server.active_by_aet, {"CT1": 1})
+        # The idle association is aborted by the server: its slot is freed.
+        self.reactor.advance(5)
+        pump.flush()
+        self.assertEqual((server.active, server.active_by_aet), (set(), {}))
+        self.successResultOf(self.connect(calling="CT1", server=server)[0])
+
+    def test_no_per_ae_limit_by_default(self):
+        server = DicomServerFactory(self.reactor, SCPPolicy("HARMONY", SYNTAXES, max_associations=3))
+        self.assertEqual(server.policy.max_associations_per_aet, 0)
+        for _ in range(3):
+            self.successResultOf(self.connect(calling="CT1", server=server)[0])
+        error = self.failureResultOf(self.connect(calling="CT1", server=server)[0], AssociationRejected).value
+        self.assertEqual((error.result, error.source, error.reason), (2, 3, 2))
+
     def test_unsupported_abstract_syntax_is_not_accepted(self):
         d, pump, _ = self.connect(syntaxes=[("1.2.3.4", [IMPLICIT_VR_LITTLE_ENDIAN])] + ECHO)
         association = self.successResultOf(d)

@@ -13,7 +13,8 @@ from harmony.gateway import build_gateway
 from harmony.registry import BuildContext, default_registry
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc")
-EXAMPLES = ["http-to-dicom.toml", "dicom-proxy.toml", "transform-example.toml", "dicomweb.toml", "jmix.toml"]
+EXAMPLES = ["http-to-dicom.toml", "dicom-proxy.toml", "transform-example.toml", "dicomweb.toml", "jmix.toml",
+            "load-balancing.toml"]
 
 
 def _enable(text):

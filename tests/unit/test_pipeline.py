@@ -14,6 +14,7 @@ from harmony.errors import (
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     Unauthorized,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -351,6 +352,16 @@ class FailoverTests(_Base):
         resp = self.run_pipeline(self.executor(backends=[a, b]))
         self.assertEqual(resp.status, 502)
         self.assertEqual(len(b.calls), 1)
+
+    def test_no_available_target_fails_over(self):
+        """
+        A backend with targets that has none available (503) gives way to
+        the next backend, as an unreachable one does.
+        """
+        a = self.backend("a", ServiceUnavailable)
+        b = self.backend("b", ResponseEnvelope(status=200, body=b"from b"))
+        resp = self.run_pipeline(self.executor(backends=[a, b]), make_request("GET"))
+        self.assertEqual(resp.body, b"from b")
 
     def test_timeout_does_not_fail_over(self):
         a = self.backend("a", UpstreamTimeout)
