@@ -61,6 +61,34 @@ def test_check_config_relative_path(tmp_path, monkeypatch, capsys):
     assert "  main /api -> endpoint api_in (pipeline api, catch-all;" in out
 
 
+def test_check_config_lists_targets(tmp_path, capsys):
+    text = PROXY + NETWORK + pipeline("api") + """
+[backends.balanced]
+service = "http"
+targets = ["a", "b"]
+strategy = "failover"
+[backends.balanced.options]
+max_retries = 1
+[backends.balanced.health_check]
+[targets.a]
+url = "http://127.0.0.1:9001"
+weight = 2
+[targets.b]
+url = "http://127.0.0.1:9002"
+"""
+    text = text.replace('backends = ["api_out"]', 'backends = ["balanced"]')
+    path = write_config(tmp_path, text)
+    assert main(["check-config", path]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert "    backends:   balanced (http)" in lines
+    assert (
+        "      balanced: failover over a (http://127.0.0.1:9001, weight 2), b (http://127.0.0.1:9002, weight 1), "
+        "health checks, 1 retries"
+    ) in lines
+
+
 def test_check_config_shows_warnings_and_idle_networks(tmp_path, capsys):
     text = (
         '[proxy]\nid = "x"\nstore_dir = "/old"\n'
