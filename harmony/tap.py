@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 from zope.interface import implementer
 
-from harmony import __version__, logs
+from harmony import __version__, logs, systemd
 from harmony.config import ConfigError, load_config
 from harmony.gateway import build_gateway
 from harmony.http.site import make_site
@@ -114,8 +114,11 @@ class GatewayService(service.MultiService):
         for warning in config.warnings:
             log.warn("Configuration: {warning}", warning=warning)
         super().startService()
+        # Every listener is bound by now (privilegedStartService).
+        systemd.notify(f"READY=1\nSTATUS=Serving {len(config.pipelines)} pipelines")
 
     def stopService(self):
+        systemd.notify("STOPPING=1\nSTATUS=Stopping")
         d = super().stopService()
         d.addCallback(lambda _: self.gateway.close())
         d.addCallback(lambda _: self.pool.closeCachedConnections())

@@ -26,7 +26,8 @@ def test_shipped_unit_is_the_default_rendering():
         shipped = f.read()
     assert shipped == render_unit()
     assert "ExecStart=/opt/harmony/venv/bin/twistd --nodaemon --pidfile= harmony -c /etc/harmony/harmony.toml" in shipped
-    for option in ("Restart=on-failure", "User=harmony", "NoNewPrivileges=true", "ProtectSystem=strict",
+    for option in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID",
+                   "Restart=on-failure", "User=harmony", "NoNewPrivileges=true", "ProtectSystem=strict",
                    "AmbientCapabilities=CAP_NET_BIND_SERVICE"):
         assert option in shipped
 
@@ -54,3 +55,49 @@ def test_systemd_analyze_rejects_missing_binary(tmp_path):
     result = _verify(str(unit))
     assert result.returncode != 0
     assert "no-venv" in result.stderr
+
+
+def test_sd_notify_ready_and_stopping(tmp_path):
+    """
+    Under Type=notify, twistd harmony says READY=1 once it listens and
+    STOPPING=1 when SIGTERM arrives (systemd's NOTIFY_SOCKET protocol).
+    """
+    import socket
+
+    from harmonytest import Process, base_config, free_port, twistd_argv, write_config
+
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(20)
+        port = free_port()
+        echo = """
+[pipelines.echo]
+networks = ["default"]
+endpoints = ["echo_in"]
+backends = ["echo_out"]
+[endpoints.echo_in]
+service = "echo"
+[endpoints.echo_in.options]
+path_prefix = "/echo"
+[backends.echo_out]
+service = "echo"
+"""
+        config = write_config(tmp_path, base_config(port), {"echo": echo})
+        proc = Process(twistd_argv(config), tmp_path, "notify", env={"NOTIFY_SOCKET": address})
+        try:
+            ready = sock.recv(4096).decode()
+            assert ready.splitlines()[0] == "READY=1", ready
+            assert "STATUS=Serving 1 pipelines" in ready.splitlines()
+            proc.wait_for_port(port, timeout=1)  # READY=1 came after the listener was up
+        finally:
+            proc.stop_cleanly()
+        stopping = sock.recv(4096).decode()
+        assert stopping.splitlines()[0] == "STOPPING=1", stopping
+
+
+def test_sd_notify_is_quiet_outside_systemd():
+    from harmony.systemd import notify
+
+    assert notify("READY=1", environ={}) is False
+    assert notify("READY=1", environ={"NOTIFY_SOCKET": "/nonexistent/harmony.sock"}) is False
