@@ -1,8 +1,12 @@
 """
 A small twisted.web upstream for Harmony's integration tests.
 
-Run as a subprocess: C{python upstream_server.py PORT}.  Listens on
-127.0.0.1 only.  Routes (the first path segment picks one):
+Run as a subprocess: C{python upstream_server.py PORT [NAME [DELAY]]}.
+Listens on 127.0.0.1 only.  With a C{NAME}, every response carries
+C{X-Upstream-Name: NAME} (which of several upstreams answered); with a
+C{DELAY} (seconds, default 0), every route but C{/health} and
+C{/_requests} answers that much later (a slow upstream).  Routes (the
+first path segment picks one):
 
   /status/<code>     answer <code> with X-Upstream-Status and a text body
   /binary/<n>        <n> deterministic pseudo-random bytes as image/png
@@ -14,10 +18,15 @@ Run as a subprocess: C{python upstream_server.py PORT}.  Listens on
   /redirect          302 to /elsewhere (must not be followed by a proxy)
   /gzip              a gzip-encoded body with Content-Encoding: gzip
   /nocontent         204 with no body
+  /health            200 "ok" at once (never delayed)
+  /_requests         the requests received so far (never delayed), as JSON:
+                     a list of [method, uri], oldest first (the last
+                     10000; /health and /_requests themselves left out)
   anything else      echo the request as JSON
 """
 
 import base64
+import collections
 import gzip
 import hashlib
 import json
@@ -35,17 +44,66 @@ def pseudo_random(n, seed=1):
     return random.Random(seed).randbytes(n)
 
 
+#: Routes that answer at once, whatever the delay, and are not recorded.
+UNDELAYED = ("health", "_requests")
+
+
 class Upstream(resource.Resource):
     isLeaf = True
+
+    def __init__(self, name=None, delay=0.0):
+        super().__init__()
+        self.name = name
+        self.delay = delay
+        self.received = collections.deque(maxlen=10000)
 
     def render(self, request):
         segments = request.path.decode("latin-1").split("/")[1:]
         route = segments[0] if segments else ""
         arg = segments[1] if len(segments) > 1 else ""
+        if self.name is not None:
+            request.setHeader(b"x-upstream-name", self.name.encode("latin-1"))
         handler = getattr(self, f"route_{route}", None)
         if handler is None:
-            return self.route_echo(request)
-        return handler(request, arg)
+            handler = self.route_echo
+        if route in UNDELAYED:
+            return handler(request, arg)
+        self.received.append([request.method.decode("ascii"), request.uri.decode("latin-1")])
+        if self.delay <= 0:
+            return handler(request, arg)
+        return self._later(request, handler, arg)
+
+    def _later(self, request, handler, arg):
+        """
+        Run C{handler} after L{delay} seconds (unless the client is gone).
+        """
+        gone = []
+
+        def answer():
+            if gone:
+                return
+            result = handler(request, arg)
+            if result is not server.NOT_DONE_YET:
+                request.write(result)
+                request.finish()
+
+        call = reactor.callLater(self.delay, answer)
+
+        def lost(_):
+            gone.append(True)
+            if call.active():
+                call.cancel()
+
+        request.notifyFinish().addErrback(lost)
+        return server.NOT_DONE_YET
+
+    def route_health(self, request, arg):
+        request.setHeader(b"content-type", b"text/plain")
+        return b"ok"
+
+    def route__requests(self, request, arg):
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(list(self.received)).encode("utf-8")
 
     def route_echo(self, request, arg=None):
         body = request.content.read()
@@ -160,11 +218,15 @@ class QuietSite(server.Site):
         pass
 
 
-def main(port):
-    reactor.listenTCP(port, QuietSite(Upstream()), interface="127.0.0.1")
-    print(f"upstream listening on 127.0.0.1:{port}", flush=True)
+def main(port, name=None, delay=0.0):
+    reactor.listenTCP(port, QuietSite(Upstream(name, delay)), interface="127.0.0.1")
+    print(f"upstream {name or ''} listening on 127.0.0.1:{port} (delay {delay:g} s)", flush=True)
     reactor.run()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(
+        int(sys.argv[1]),
+        sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None,
+        float(sys.argv[3]) if len(sys.argv) > 3 else 0.0,
+    )
