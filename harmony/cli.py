@@ -11,6 +11,7 @@ from harmony.config import ConfigError, load_config
 from harmony.gateway import build_gateway, describe
 from harmony.registry import BuildContext, default_registry
 from harmony.systemd import DEFAULT_CONFIG, DEFAULT_USER, DEFAULT_VENV, render_unit
+from harmony.tls import check_listeners
 
 
 def check_config(path, out=None, err=None):
@@ -28,6 +29,7 @@ def check_config(path, out=None, err=None):
     try:
         config = load_config(path, registry)
         gateway = build_gateway(config, registry, BuildContext(config=config))
+        check_listeners(config)
     except ConfigError as e:
         print(f"harmony: configuration error: {e}", file=err)
         return 1

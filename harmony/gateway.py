@@ -93,6 +93,7 @@ def build_gateway(config, registry, context):
     }
     executors = {}
     tables = {}
+    metrics = getattr(context, "metrics", None)
     for pname, pipeline in config.pipelines.items():
         instances = {}
         for mname in dict.fromkeys(pipeline.request_middleware + pipeline.response_middleware):
@@ -104,6 +105,7 @@ def build_gateway(config, registry, context):
             [instances[m] for m in pipeline.response_middleware],
             [backends[b] for b in pipeline.backends],
             pipeline.failover_non_idempotent,
+            metrics=None if metrics is None else metrics.pipeline(pname),
         )
         for i, ename in enumerate(pipeline.endpoints):
             for route in endpoints[ename].http_routes():
@@ -126,8 +128,9 @@ def _check_addresses(config, endpoints, tables):
     picks a free port and never conflicts).
     """
     seen = {}
+    management = config.management.network if config.management.enabled else None
     for name, net in config.networks.items():
-        if net.http is not None and name in tables and net.http.bind_port:
+        if net.http is not None and (name in tables or name == management) and net.http.bind_port:
             seen[(net.http.bind_address, net.http.bind_port)] = f"network {name!r}"
     for pname, pipeline in config.pipelines.items():
         for ename in pipeline.endpoints:
@@ -157,6 +160,8 @@ def describe(gateway):
             lines.append(f"  {name}: no HTTP listener")
         else:
             served = "serving" if name in gateway.apps else "no routes, not listening"
+            if config.management.enabled and name == config.management.network:
+                served = f"management API under /{config.management.base_path.strip('/')}"
             lines.append(f"  {name}: http {net.http.bind_address}:{net.http.bind_port} ({served})")
     lines += ["", "Pipelines:"]
     for name, p in sorted(config.pipelines.items()):

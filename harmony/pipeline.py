@@ -48,14 +48,17 @@ class PipelineExecutor:
         chain reversed).
     @param backends: L{IBackend}s; more than one = ordered failover.
     @param failover_non_idempotent: also fail over POST/PATCH.
+    @param metrics: a L{harmony.metrics.PipelineMetrics} recording every
+        request, or C{None}.
     """
 
-    def __init__(self, name, request_chain, response_chain, backends, failover_non_idempotent=False):
+    def __init__(self, name, request_chain, response_chain, backends, failover_non_idempotent=False, metrics=None):
         self.name = name
         self.request_chain = tuple(request_chain)
         self.response_chain = tuple(response_chain)
         self.backends = tuple(backends)
         self.failover_non_idempotent = failover_non_idempotent
+        self.metrics = metrics
 
     def execute(self, endpoint, envelope):
         """
@@ -66,6 +69,13 @@ class PipelineExecutor:
             rendered by C{endpoint.render_error}.  Cancelling it cancels
             the backend call.
         """
+        metrics = self.metrics
+        if metrics is None:
+            return self._execute(endpoint, envelope)
+        started = metrics.started(envelope)
+        return self._execute(endpoint, envelope).addBoth(metrics.finished, endpoint.name, envelope, started)
+
+    def _execute(self, endpoint, envelope):
         envelope.metadata.setdefault("pipeline", self.name)
         envelope.metadata.setdefault("endpoint", endpoint.name)
         # Written as callbacks, not a coroutine: when every hook answers
@@ -220,6 +230,8 @@ class PipelineExecutor:
             # work (a store-only SCP); nothing to forward.
             return defer.succeed(ResponseEnvelope(status=200))
         backend = self.backends[i]
+        # The backend asked last (metrics: harmony_requests_total's label).
+        envelope.metadata["backend"] = backend.name
         try:
             d = backend.handle(envelope)
         except Exception:

@@ -49,6 +49,8 @@ class BuildContext:
     @ivar move_router: the L{harmony.dimse.move.MoveRouter} shared by the
         gateway's DICOM endpoints and backends (C-MOVE instances received
         by an SCP reach the move that asked for them).
+    @ivar metrics: the gateway's L{harmony.metrics.Metrics}, or C{None}
+        (no metrics: nothing is recorded).
     """
 
     reactor = attr.ib(default=None)
@@ -56,6 +58,7 @@ class BuildContext:
     http_client = attr.ib(default=None)
     config = attr.ib(default=None)
     move_router = attr.ib(factory=lambda: _new_move_router())
+    metrics = attr.ib(default=None)
 
 
 def _new_move_router():

@@ -264,6 +264,7 @@ class Retriever:
                 idle_timeout=options.timeout_secs * 2,
                 dimse_timeout=options.timeout_secs,
             ),
+            tls=getattr(self.backend, "incoming_tls", None),
         )
 
     def persistent_service(self):

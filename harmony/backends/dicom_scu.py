@@ -33,6 +33,7 @@ from harmony.dimse.scu import (
     IMPLICIT_VR_LITTLE_ENDIAN,
     DicomClient,
     DimseTimeout,
+    TLSHandshakeFailed,
     read_part10_header,
 )
 from harmony.envelope import DicomRequest, DicomResult, ResponseEnvelope, media_type
@@ -40,11 +41,20 @@ from harmony.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamT
 from harmony.interfaces import IBackend
 from harmony.logs import logger
 from harmony.streams import collect
+from harmony.tls import check_pair, client_tls, place, server_options, warn_once
 
 log = logger("harmony.backends.dicom_scu")
 
 
 _check_aet = from_validator(validate_ae_title)
+
+
+def _check_tls(options, where):
+    check_pair(options, where, "tls_cert_path", "tls_key_path")
+    if options.incoming_store_tls and not options.tls_cert_path:
+        raise where.child("tls_cert_path").error("required with incoming_store_tls (the store SCP's certificate)")
+    if not options.use_tls and (options.tls_ca_path or options.tls_cert_path or options.tls_verify_hostname):
+        warn_once(where.child("use_tls"), "tls_* options are set but use_tls = false: the PACS is called without TLS")
 
 
 OPTIONS = Schema(
@@ -77,7 +87,21 @@ OPTIONS = Schema(
             "associations kept open at most per kind when association_idle_secs > 0 (each holds one of the PACS's "
             "association slots: Orthanc serves 4 at a time by default)",
         ),
-    }
+        # DICOM TLS (PS3.15 B.9; harmony.tls): files read at startup.
+        "use_tls": Field(Bool(), False, "associate with the PACS over TLS (TLS 1.2+)"),
+        "tls_cert_path": Field(Str(), "", "PEM certificate chain presented to the PACS (with tls_key_path)"),
+        "tls_key_path": Field(Str(), "", "PEM private key of tls_cert_path (not encrypted)"),
+        "tls_ca_path": Field(Str(), "", "PEM CA bundle to verify the PACS with (default: the system's)"),
+        "tls_verify_hostname": Field(
+            Bool(), False, "also check that the PACS's certificate names host (DICOM peers are often addressed by IP)"
+        ),
+        "incoming_store_tls": Field(
+            Bool(), False,
+            "the C-MOVE store SCP listens with TLS too (tls_cert_path/tls_key_path; callers verified against "
+            "tls_ca_path when given)",
+        ),
+    },
+    check=_check_tls,
 )
 
 _UNCOMPRESSED = [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
@@ -254,6 +278,7 @@ class DicomScuBackend:
         self._client = None
         self._storage = None
         self._spool = None
+        self._tls, self.incoming_tls = self._tls_settings(name, options, self._config)
         self._pool = AssociationPool(self._reactor, options.association_idle_secs, options.max_idle_associations)
         router = getattr(context, "move_router", None)
         if router is None:
@@ -313,8 +338,35 @@ class DicomScuBackend:
                 AssociationSettings(max_pdu_length=options.max_pdu_length),
                 connect_timeout=options.connect_timeout_secs,
                 dimse_timeout=options.timeout_secs,
+                tls=self._tls,
             )
         return self._client
+
+    @staticmethod
+    def _tls_settings(name, options, config):
+        """
+        The client TLS of the associations with the PACS (C{None}: plain
+        TCP) and the server TLS of the C-MOVE store SCP (C{None}: plain).
+
+        @raise ConfigError: a TLS file is unusable.
+        """
+        where = place(config, "backends", name, "options")
+        client = None
+        if options.use_tls:
+            client = client_tls(
+                where,
+                ca_path=options.tls_ca_path,
+                cert_path=options.tls_cert_path,
+                key_path=options.tls_key_path,
+                verify_hostname=options.tls_verify_hostname,
+            )
+        server = None
+        if options.incoming_store_tls:
+            server = server_options(
+                where, options.tls_cert_path, options.tls_key_path, options.tls_ca_path,
+                names=("tls_cert_path", "tls_key_path", "tls_ca_path"),
+            )
+        return client, server
 
     def handle(self, envelope):
         return defer.Deferred.fromCoroutine(self._handle(envelope))
@@ -658,6 +710,12 @@ class DicomScuBackend:
             raise UpstreamUnavailable(f"The PACS rejected the association (source {e.source}, reason {e.reason})")
         except DimseTimeout:
             raise UpstreamTimeout("The PACS did not accept the association in time")
+        except TLSHandshakeFailed as e:
+            log.warn(
+                "Backend {backend}: TLS with {aet} at {host}:{port} failed: {reason}",
+                backend=self.name, aet=options.aet, host=options.host, port=options.port, reason=e.tls_reason,
+            )
+            raise UpstreamUnavailable("The PACS is unreachable")
         except Exception as e:
             log.warn("Backend {backend}: cannot associate with {aet}: {kind}", backend=self.name, aet=options.aet, kind=type(e).__name__)
             raise UpstreamUnavailable("The PACS is unreachable")

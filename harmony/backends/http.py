@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers as TwistedHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from harmony.config.schema import REQUIRED, Field, Number, Schema, Str
+from harmony.config.schema import REQUIRED, Bool, Field, Number, Schema, Str
 from harmony.envelope import Headers, ResponseEnvelope
 from harmony.errors import UpstreamTimeout, UpstreamUnavailable
 from harmony.http.client import PooledAgent
@@ -31,6 +31,7 @@ from harmony.http.headers import end_to_end_raw
 from harmony.interfaces import IBackend
 from harmony.logs import logger
 from harmony.streams import Stream, body_producer
+from harmony.tls import check_pair, client_tls, place, tls_failure_reason, warn_once
 
 
 def _check_base_url(value):
@@ -41,6 +42,17 @@ def _check_base_url(value):
     return None
 
 
+def _check_tls(options, where):
+    check_pair(options, where, "tls_cert_path", "tls_key_path")
+    if not options.tls_verify:
+        if options.tls_ca_path:
+            raise where.child("tls_ca_path").error("a CA bundle is for verifying: remove it or set tls_verify = true")
+        warn_once(
+            where.child("tls_verify"),
+            "the upstream's TLS certificate is not verified (anyone on the path can read and change the traffic)",
+        )
+
+
 OPTIONS = Schema(
     {
         "base_url": Field(Str(nonempty=True, check=_check_base_url), REQUIRED, "upstream base URL"),
@@ -48,7 +60,13 @@ OPTIONS = Schema(
             Number(min=0.001, max=3600), 30.0, "time allowed for the upstream's response headers (connect included)"
         ),
         "connect_timeout_secs": Field(Number(min=0.001, max=3600), 10.0, "time allowed to open a connection"),
-    }
+        # HTTPS upstreams (harmony.tls): read at startup.
+        "tls_ca_path": Field(Str(), "", "PEM CA bundle to verify the upstream with (default: the system's)"),
+        "tls_verify": Field(Bool(), True, "false: do not verify the upstream's certificate (warned at startup)"),
+        "tls_cert_path": Field(Str(), "", "PEM client certificate chain for mutual TLS (with tls_key_path)"),
+        "tls_key_path": Field(Str(), "", "PEM private key of tls_cert_path (not encrypted)"),
+    },
+    check=_check_tls,
 )
 
 log = logger("harmony.backends.http")
@@ -109,15 +127,22 @@ class _Feed(Protocol):
 
 
 _FORWARDING = frozenset({b"host", b"expect", b"x-forwarded-for", b"forwarded"})
+_FORWARDING_ID = _FORWARDING | {b"x-request-id"}
 
 
-def forwarded_headers(details):
+def forwarded_headers(details, request_id=None):
     """
     The request's end-to-end headers as byte pairs, with C{Host} and
     C{Expect} removed and C{X-Forwarded-For}/C{-Host}/C{-Proto} and
     C{Forwarded} added (appended to what earlier proxies sent).
+
+    @param request_id: the request's id (C{metadata["request_id"]}): sent
+        as the one C{X-Request-ID} (the client's, when it sent a valid
+        one, is that id: never twice).
     """
-    pairs = end_to_end_raw(details.headers.raw(), _FORWARDING)
+    pairs = end_to_end_raw(details.headers.raw(), _FORWARDING_ID if request_id else _FORWARDING)
+    if request_id:
+        pairs.append((b"X-Request-ID", request_id.encode("ascii")))
     prior_for, prior_fwd, host = [], [], b""
     has_xfh = has_xfp = False
     for k, v in details.headers.raw():
@@ -172,6 +197,26 @@ class HttpBackend:
         self._base = options.base_url.rstrip("/")
         self._timeout = options.timeout_secs
         self._connect_timeout = options.connect_timeout_secs
+        self._tls = self._tls_policy(name, options, getattr(context, "config", None))
+
+    @staticmethod
+    def _tls_policy(name, options, config):
+        """
+        This backend's C{IPolicyForHTTPS} (its own CA bundle, client
+        certificate or no verification), or C{None}: the agent's default
+        (the system's trust store, host name checked).
+
+        @raise ConfigError: a TLS file is unusable.
+        """
+        if options.tls_verify and not options.tls_ca_path and not options.tls_cert_path:
+            return None
+        return client_tls(
+            place(config, "backends", name, "options"),
+            ca_path=options.tls_ca_path,
+            verify=options.tls_verify,
+            cert_path=options.tls_cert_path,
+            key_path=options.tls_key_path,
+        )
 
     def url(self, envelope):
         """
@@ -189,7 +234,7 @@ class HttpBackend:
     def handle(self, envelope):
         details = envelope.details
         method = envelope.target.get("method", details.method).upper()
-        out_headers = forwarded_headers(details)
+        out_headers = forwarded_headers(details, envelope.metadata.get("request_id"))
         if not self._raw_headers:
             twisted_headers = TwistedHeaders()
             for name, value in out_headers:
@@ -204,7 +249,7 @@ class HttpBackend:
 
         timed_out = []
         if self._raw_headers:
-            d = self._agent.request(method.encode("ascii"), url, out_headers, producer, self._connect_timeout)
+            d = self._agent.request(method.encode("ascii"), url, out_headers, producer, self._connect_timeout, self._tls)
         else:
             d = self._agent.request(method.encode("ascii"), url, out_headers, producer)
 
@@ -226,6 +271,10 @@ class HttpBackend:
             if reason.check(defer.CancelledError):
                 return reason
             if reason.check(*_UNAVAILABLE):
+                tls_reason = tls_failure_reason(reason)
+                if tls_reason is not None:
+                    log.warn("Backend {backend}: upstream TLS failed: {reason}", backend=self.name, reason=tls_reason)
+                    raise UpstreamUnavailable()
                 log.warn(
                     "Backend {backend}: upstream unavailable ({kind})",
                     backend=self.name,
@@ -268,7 +317,7 @@ class HttpBackend:
         """
         url = (self._base + "/" + check.path.lstrip("/")).encode("latin-1")
         if self._raw_headers:
-            d = self._agent.request(b"GET", url, [], None, self._connect_timeout)
+            d = self._agent.request(b"GET", url, [], None, self._connect_timeout, self._tls)
         else:
             d = self._agent.request(b"GET", url, TwistedHeaders(), None)
 
@@ -282,7 +331,8 @@ class HttpBackend:
         def failed(reason):
             if reason.check(defer.CancelledError):
                 return reason
-            return reason.type.__name__
+            tls_reason = tls_failure_reason(reason)
+            return f"TLS: {tls_reason}" if tls_reason is not None else reason.type.__name__
 
         return d.addCallbacks(answered, failed)
 

@@ -126,7 +126,7 @@ def load_config(path, registry=None, environ=None):
                 _merge(base, data, shown(fpath), origins)
 
     where = Where(shown(path), origins=origins)
-    return _validate(base, where, registry, path, base_dir, files)
+    return _validate(base, where, registry, path, base_dir, files, environ)
 
 
 def _read_toml(path, shown):
@@ -203,7 +203,7 @@ def substitute_env(value, environ, where):
     return value
 
 
-def _validate(data, where, registry, path, base_dir, files):
+def _validate(data, where, registry, path, base_dir, files, environ=None):
     data = dict(data)
     _legacy_registries(data, where, registry)
     if "middleware_legacy" in data:
@@ -215,10 +215,8 @@ def _validate(data, where, registry, path, base_dir, files):
     if "proxy" not in data:
         raise where.child("proxy").error("required table is missing ([proxy] with id)")
     top = model.TOP_LEVEL.validate(data, where)
-    if top.management.enabled:
-        raise where.child("management").child("enabled").error(
-            "the management API is not available in this version of Harmony; set enabled = false"
-        )
+    top = model.resolve_log_level(top, data, where)
+    management = _management(top, where.child("management"), os.environ if environ is None else environ)
 
     endpoints = {}
     for name, entry in top.endpoints.items():
@@ -268,7 +266,7 @@ def _validate(data, where, registry, path, base_dir, files):
         proxy=top.proxy,
         logging=top.logging,
         storage=top.storage,
-        management=top.management,
+        management=management,
         networks=top.network,
         endpoints=Options(endpoints),
         backends=Options(backends),
@@ -277,6 +275,54 @@ def _validate(data, where, registry, path, base_dir, files):
         warnings=where.warnings,
         files=files,
     )
+
+
+def _management(top, where, environ):
+    """
+    C{[management]}: its network exists, has an HTTP listener and serves
+    no pipeline, nor shares its address with one that does; C{token_env}
+    names a variable that is set.  The effective bearer token (from
+    C{token_env}, else C{token}; empty: no authentication) is C{token} in
+    the result.
+    """
+    options = top.management
+    token = options.token
+    if options.token_env:
+        token = environ.get(options.token_env, "")
+        if not token:
+            raise where.child("token_env").error(
+                f"environment variable {options.token_env} is not set or empty"
+                " (the management API would have no authentication)"
+            )
+    if not options.enabled:
+        return Options(dict(options, token=token))
+    name = options.network
+    if not name:
+        raise where.child("network").error("required with enabled = true: the network the management API listens on")
+    network = top.network.get(name)
+    if network is None:
+        raise where.child("network").error(_missing("network", name, top.network))
+    if network.http is None:
+        raise where.child("network").error(f"network {name!r} has no [network.{name}.http] listener")
+    for pname, pipeline in top.pipelines.items():
+        if name in pipeline.networks:
+            raise where.child("network").error(
+                f"network {name!r} also serves pipeline {pname!r}: the management API needs a network of its own"
+            )
+    address, port = network.http.bind_address, network.http.bind_port
+    served = {n for p in top.pipelines.values() for n in p.networks}
+    for other in sorted(served):
+        http = top.network.get(other) and top.network[other].http
+        if http is None or not port or http.bind_port != port:
+            continue
+        if address == http.bind_address or "0.0.0.0" in (address, http.bind_address) or "::" in (
+            address,
+            http.bind_address,
+        ):
+            raise where.child("network").error(
+                f"network {name!r} listens on {address}:{port}, already used by network {other!r}"
+            )
+    return Options(dict(options, token=token))
 
 
 def _legacy_registries(data, where, registry):

@@ -114,6 +114,11 @@ PROXY = Schema(
         "log_level": Field(
             Str(choices=("trace", "debug", "info", "warn", "error"), lower=True), "info"
         ),
+        "shutdown_grace_secs": Field(
+            Number(min=0, max=3600), 20.0,
+            "on SIGTERM (and for the previous configuration after SIGHUP): time in-flight requests and "
+            "associations get to finish",
+        ),
         "pipelines_path": Field(Str(nonempty=True), "pipelines"),
         "transforms_path": Field(Str(nonempty=True), "transforms"),
         "content_limits": Field(Table(CONTENT_LIMITS), CONTENT_LIMITS.validate({}, None)),
@@ -130,11 +135,28 @@ def _no_wireguard(options, where):
         )
 
 
+def _check_listener_tls(options, where):
+    # The files themselves are read at startup (harmony.tls.check_listeners).
+    if options.cert_path and not options.key_path:
+        raise where.child("key_path").error("required with cert_path (HTTPS needs the certificate's private key)")
+    if options.key_path and not options.cert_path:
+        raise where.child("cert_path").error("required with key_path (HTTPS needs a certificate)")
+    if options.client_ca_path and not options.cert_path:
+        raise where.child("client_ca_path").error(
+            "client certificates need HTTPS: set cert_path and key_path on this listener"
+        )
+
+
 HTTP_LISTENER = Schema(
     {
         "bind_address": Field(Str(nonempty=True), "0.0.0.0"),
         "bind_port": Field(Int(min=0, max=65535), 8080, "0 picks a free port"),
-    }
+        "cert_path": Field(Str(), "", "PEM certificate chain (own certificate first); with key_path: HTTPS"),
+        "key_path": Field(Str(), "", "PEM private key of that certificate (not encrypted)"),
+        "client_ca_path": Field(Str(), "", "PEM CA bundle: ask clients for a certificate issued by one of these"),
+        "require_client_cert": Field(Bool(), True, "with client_ca_path: refuse clients without a valid certificate"),
+    },
+    check=_check_listener_tls,
 )
 
 NETWORK = Schema(
@@ -329,12 +351,51 @@ PIPELINE = Schema(
     }
 )
 
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+
 LOGGING = Schema(
     {
+        "format": Field(
+            Str(choices=("text", "json"), lower=True), "text", "text lines (twistd's) or one JSON object per line"
+        ),
+        "level": Field(
+            Str(choices=LOG_LEVELS, lower=True), None, "alias of [proxy] log_level (when both are set they must agree)"
+        ),
+        "access_log": Field(
+            Bool(), True, "one harmony.access line per HTTP request and per DICOM association, whatever the level"
+        ),
         "log_to_file": Field(Bool(), False),
         "log_file_path": Field(Str(nonempty=True), "./tmp/harmony.log"),
     }
 )
+
+
+def resolve_log_level(top, data, where):
+    """
+    C{[logging] level} and C{[proxy] log_level} are one setting: when both
+    are in the file they must agree; the result has the level in both
+    (default C{info}).
+
+    @param top: the validated top-level L{Options}.
+    @param data: the raw top-level table (was C{log_level} given?).
+    @raise ConfigError: they disagree.
+    """
+    level = top.logging.level
+    proxy = data.get("proxy")
+    if level is None:
+        level = top.proxy.log_level
+    elif isinstance(proxy, dict) and "log_level" in proxy and top.proxy.log_level != level:
+        raise where.child("logging").child("level").error(
+            f'"{level}" disagrees with proxy.log_level = "{top.proxy.log_level}"'
+            " (level is an alias of log_level: set one of them)"
+        )
+    return Options(
+        dict(
+            top,
+            proxy=Options(dict(top.proxy, log_level=level)),
+            logging=Options(dict(top.logging, level=level)),
+        )
+    )
 
 STORAGE = Schema(
     {
@@ -343,11 +404,27 @@ STORAGE = Schema(
     }
 )
 
+def _check_base_path(value):
+    if any(c in value for c in "?#%") or any(s in (".", "..") for s in value.split("/")):
+        return f'must be a plain path such as "admin", got "{value}"'
+    return None
+
+
+def _check_env_name(value):
+    if value and not all(c.isalnum() or c == "_" for c in value):
+        return f'must be the name of an environment variable, got "{value}"'
+    return None
+
+
 MANAGEMENT = Schema(
     {
         "enabled": Field(Bool(), False),
-        "base_path": Field(Str(nonempty=True), "admin"),
-        "network": Field(Str(), ""),
+        "base_path": Field(Str(nonempty=True, check=_check_base_path), "admin", "the API's paths: /<base_path>/health, ..."),
+        "network": Field(Str(), "", "a [network.<name>.http] listener serving only the management API"),
+        "token_env": Field(
+            Str(check=_check_env_name), "", "environment variable holding the bearer token (wins over token)"
+        ),
+        "token": Field(Str(), "", "the bearer token itself; with either: every route but health and ready needs it"),
     }
 )
 

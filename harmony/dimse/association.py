@@ -115,6 +115,7 @@ class Association(Protocol):
         self.contexts = {}
         self.peer_max_pdu = 0
         self.peer = None
+        self.lost_reason = None
         self.established = False
         self.ended = defer.Deferred()
         self._artim = None
@@ -184,6 +185,8 @@ class Association(Protocol):
             self._event(_EVENTS[pdu_type], obj)
 
     def connectionLost(self, reason=None):
+        #: Why the connection ended (a TLS handshake failure, for one).
+        self.lost_reason = reason
         self._cancel_timers()
         if not self._closed:
             self._closed = True

@@ -458,13 +458,15 @@ class MoveStoreListener(Service):
     @param settings: L{harmony.dimse.association.AssociationSettings}.
     @param max_associations: concurrent associations accepted.
     @param calling_aets: calling AE titles allowed (empty: any).
+    @param tls: C{None} for plain TCP, or DICOM TLS: an
+        C{IOpenSSLServerConnectionCreator} (L{harmony.tls.server_options}).
 
     @ivar factory: the L{DicomServerFactory}.
     @ivar port: the listening port's C{IListeningPort} once started.
     """
 
     def __init__(self, reactor, ae_title, port, bind_addr="0.0.0.0", router=None, storage=None,
-                 layout=DEFAULT_LAYOUT, settings=None, max_associations=32, calling_aets=()):
+                 layout=DEFAULT_LAYOUT, settings=None, max_associations=32, calling_aets=(), tls=None):
         from harmony.endpoints.dicom_scp import DEFAULT_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 
         if router is None:
@@ -475,6 +477,7 @@ class MoveStoreListener(Service):
         self.port_number = port
         self.bind_addr = bind_addr
         self.router = router
+        self.tls = tls
         syntaxes = {messages.VERIFICATION_SOP_CLASS: ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]}
         for sop_class in STORAGE_SOP_CLASSES:
             syntaxes[sop_class] = list(DEFAULT_TRANSFER_SYNTAXES)
@@ -502,8 +505,16 @@ class MoveStoreListener(Service):
             C{maybeDeferred} for a Deferred either way).
         """
         Service.startService(self)
-        description = f"tcp:port={self.port_number}:interface={endpoints.quoteStringArgument(self.bind_addr)}"
-        d = endpoints.serverFromString(self.reactor, description).listen(self.factory)
+        if self.tls is None:
+            description = f"tcp:port={self.port_number}:interface={endpoints.quoteStringArgument(self.bind_addr)}"
+            endpoint = endpoints.serverFromString(self.reactor, description)
+        else:
+            from harmony.tls import server_endpoint
+
+            endpoint = server_endpoint(
+                self.reactor, self.bind_addr, self.port_number, self.tls, label=f"C-MOVE store SCP {self.ae_title}"
+            )
+        d = endpoint.listen(self.factory)
 
         def listening(port):
             self.port = port

@@ -31,7 +31,7 @@ from harmony.dimse.association import Association, AssociationSettings
 from harmony.dimse.negotiation import AcceptorPolicy, negotiate_as_acceptor
 from harmony.dimse.scu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from harmony.envelope import Headers, RequestDetails, RequestEnvelope
-from harmony.logs import logger
+from harmony.logs import dicom_access, logger
 
 log = logger("harmony.dimse.scp")
 
@@ -84,12 +84,15 @@ class DicomServerFactory(Factory):
         C{command(session, Command)} and C{fragment(session, DataFragment)}
         (see L{StoreService}); C-ECHO is answered here when
         C{enable_echo}.
+    @param metrics: a L{harmony.metrics.DicomMetrics} counting
+        associations and final DIMSE responses, or C{None}.
     """
 
     noisy = False
 
-    def __init__(self, reactor, policy, settings=None, services=None, enable_echo=True):
+    def __init__(self, reactor, policy, settings=None, services=None, enable_echo=True, metrics=None):
         self.reactor = reactor
+        self.metrics = metrics
         self.policy = policy
         self.settings = settings or AssociationSettings()
         self.services = dict(services or {})
@@ -102,6 +105,8 @@ class DicomServerFactory(Factory):
     def buildProtocol(self, addr):
         association = Association(False, _SCPUser(self), self.reactor, self.settings)
         association.factory = self
+        if self.metrics is not None:
+            self.metrics.observe(association)
         return association
 
     def answer(self, association, rq):
@@ -138,6 +143,8 @@ class DicomServerFactory(Factory):
                 reason=reject.reason,
                 limit=limit,
             )
+            if self.metrics is not None:
+                self.metrics.association(rq.calling_aet, "rejected")
             return reject, None
         contexts, accepted, roles = negotiate_as_acceptor(rq.contexts, self._acceptor, rq.roles)
         ac = pdu.AssociateAC(
@@ -151,6 +158,8 @@ class DicomServerFactory(Factory):
         )
         self.active.add(association)
         self.active_by_aet[rq.calling_aet] = self.active_by_aet.get(rq.calling_aet, 0) + 1
+        if self.metrics is not None:
+            self.metrics.association(rq.calling_aet, "accepted")
         log.info(
             "Association from {calling} ({peer}) to {called} accepted: {accepted} of {proposed} contexts",
             calling=rq.calling_aet,
@@ -241,6 +250,17 @@ def _peer(association):
     return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
 
+#: Request command field -> operation name in the association's access line.
+OPERATION_NAMES = {
+    messages.C_ECHO_RQ: "echo",
+    messages.C_STORE_RQ: "store",
+    messages.C_FIND_RQ: "find",
+    messages.C_GET_RQ: "get",
+    messages.C_MOVE_RQ: "move",
+    messages.C_CANCEL_RQ: "cancel",
+}
+
+
 class _SCPUser:
     """
     The association user of an acceptor: dispatches DIMSE messages.
@@ -250,6 +270,10 @@ class _SCPUser:
         self.factory = factory
         self._current = None
         self._started = None
+        #: For the access line: operation name -> requests received, and
+        #: how the association ended (released, rejected; else aborted).
+        self._operations = {}
+        self._result = None
         self._responses = {}  # message ID of a request we sent -> handler
         self._next_id = 0
 
@@ -279,16 +303,22 @@ class _SCPUser:
     def associate_requested(self, association, rq):
         self._started = association.clock.seconds()
         association.ended.addBoth(self._ended, association)
-        return self.factory.answer(association, rq)
+        answer = self.factory.answer(association, rq)
+        if not isinstance(answer[0], pdu.AssociateAC):
+            self._result = "rejected"
+        return answer
 
     def _ended(self, result, association):
         self.factory.ended(association)
-        if association.established and self._started is not None:
-            log.info(
-                "Association from {calling} ({peer}) ended after {secs:.3f}s",
-                calling=association.rq.calling_aet,
-                peer=_peer(association),
-                secs=association.clock.seconds() - self._started,
+        if self._started is not None and association.rq is not None:
+            # The access line (also of a rejected association).
+            dicom_access(
+                association.rq.calling_aet,
+                association.rq.called_aet,
+                _peer(association),
+                association.clock.seconds() - self._started,
+                self._operations,
+                self._result or "aborted",
             )
         current, self._current = self._current, None
         if current is not None:
@@ -304,6 +334,9 @@ class _SCPUser:
 
     def command(self, association, command):
         field = command.command_field
+        if not field & 0x8000:
+            name = OPERATION_NAMES.get(field) or f"0x{field:04X}"
+            self._operations[name] = self._operations.get(name, 0) + 1
         context = association.contexts[command.context_id]
         fields = command.fields
         if field == messages.C_CANCEL_RQ and messages.C_CANCEL_RQ not in self.factory.services:
@@ -365,7 +398,7 @@ class _SCPUser:
             current.finish()
 
     def release_requested(self, association):
-        pass
+        self._result = "released"
 
     def released(self, association):
         pass

@@ -38,6 +38,7 @@ import struct
 import zlib
 
 import attr
+from OpenSSL import SSL
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
@@ -114,6 +115,17 @@ class DimseTimeout(Exception):
     The peer did not answer a DIMSE request in time (the association is
     aborted).
     """
+
+
+class TLSHandshakeFailed(AssociationAborted):
+    """
+    The TLS handshake with the peer failed (its certificate did not verify,
+    ours was refused, no common version or cipher): no association.
+    """
+
+    def __init__(self, reason):
+        super().__init__(message=f"TLS handshake failed: {reason}")
+        self.tls_reason = reason
 
 
 @attr.s(frozen=True)
@@ -1407,17 +1419,23 @@ class DicomClient:
     @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
     @param local_aet: our (calling) AE title.
     @param settings: L{AssociationSettings} (max PDU we accept, timers).
-    @param connect_timeout: seconds for TCP connect + association.
+    @param connect_timeout: seconds for TCP connect + association (the TLS
+        handshake included).
     @param dimse_timeout: seconds to wait for each DIMSE response.
+    @param tls: C{None} for plain TCP, or DICOM TLS (PS3.15 B.9): an object
+        with C{creatorForNetloc(host, port)} returning an
+        C{IOpenSSLClientConnectionCreator} (a L{harmony.tls.ClientTLS}).
     """
 
-    def __init__(self, reactor, local_aet="HARMONY_SCU", settings=None, connect_timeout=10, dimse_timeout=30):
+    def __init__(self, reactor, local_aet="HARMONY_SCU", settings=None, connect_timeout=10, dimse_timeout=30,
+                 tls=None):
         pdu.validate_ae_title(local_aet, "calling AE title")
         self.reactor = reactor
         self.local_aet = local_aet
         self.settings = settings or AssociationSettings()
         self.connect_timeout = connect_timeout
         self.dimse_timeout = dimse_timeout
+        self.tls = tls
 
     def associate(self, host, port, called_aet, syntaxes, calling_aet=None, roles=(), user_identity=None):
         """
@@ -1450,6 +1468,8 @@ class DicomClient:
             return association
 
         endpoint = endpoints.TCP4ClientEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        if self.tls is not None:
+            endpoint = endpoints.wrapClientTLS(self.tls.creatorForNetloc(host, port), endpoint)
         factory = Factory.forProtocol(build)
         factory.noisy = False  # no "Starting factory" line per association
         connecting = endpoint.connect(factory)
@@ -1461,7 +1481,18 @@ class DicomClient:
                 timer.cancel()
             return result
 
-        return ca._ready.addBoth(done)
+        def tls_failed(failure):
+            lost = getattr(ca.association, "lost_reason", None)
+            if failure.check(AssociationAborted) and lost is not None and lost.check(SSL.Error):
+                from harmony.tls import ssl_error_text
+
+                raise TLSHandshakeFailed(ssl_error_text(lost.value))
+            return failure
+
+        ready = ca._ready.addBoth(done)
+        if self.tls is not None:
+            ready.addErrback(tls_failed)
+        return ready
 
     def associate_for_get(self, host, port, called_aet, storage_syntaxes, models=("study",), calling_aet=None,
                           user_identity=None, query_syntaxes=(EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),

@@ -23,7 +23,6 @@ import os
 from pydicom import uid as pydicom_uid
 from pynetdicom.presentation import AllStoragePresentationContexts
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
 from zope.interface import implementer
 
 from harmony.config.schema import (
@@ -37,6 +36,7 @@ from harmony.config.schema import (
     Options,
     Schema,
     Str,
+    Table,
     from_validator,
 )
 from harmony.dimse import messages
@@ -52,6 +52,7 @@ from harmony.envelope import DicomResult, ResponseEnvelope
 from harmony.interfaces import IEndpoint
 from harmony.logs import logger
 from harmony.storage.dicom import check_layout, check_uid
+from harmony.tls import DICOM_SERVER_TLS, client_tls, place, server_endpoint, server_options
 
 log = logger("harmony.endpoints.dicom_scp")
 
@@ -163,6 +164,9 @@ OPTIONS = Schema(
         "artim_timeout_secs": Field(Number(min=0.001), 30.0),
         "sop_classes": Field(ListOf(Str(nonempty=True, check=_check_uid)), ()),
         "transfer_syntaxes": Field(ListOf(Str(nonempty=True, check=_check_uid)), ()),
+        "tls": Field(
+            Table(DICOM_SERVER_TLS), None, "DICOM TLS on this listener (PS3.15 B.9): cert_path, key_path, ca_path"
+        ),
     }
 )
 
@@ -182,6 +186,22 @@ class DicomScpEndpoint:
         #: Routes C-MOVE instances a dicom_scu backend asked for (its
         #: incoming_store_port is this endpoint's port) to that move.
         self._move_router = getattr(context, "move_router", None)
+        #: Associations and DIMSE statuses (harmony.metrics), or None.
+        metrics = getattr(context, "metrics", None)
+        self._metrics = None if metrics is None else metrics.dicom(name)
+        #: DICOM TLS of the listener (files read now: startup errors).
+        self.tls = None
+        #: DICOM TLS of the C-MOVE associations with the move destinations.
+        self.move_tls = None
+        if options.tls is not None:
+            tls = options.tls
+            where = place(self._config, "endpoints", name, "options", "tls")
+            self.tls = server_options(where, tls.cert_path, tls.key_path, tls.ca_path, tls.require_client_cert)
+            if tls.move_destinations_tls:
+                self.move_tls = client_tls(
+                    where, ca_path=tls.ca_path, cert_path=tls.cert_path, key_path=tls.key_path,
+                    verify_hostname=False, names=("ca_path", "cert_path", "key_path"),
+                )
 
     def http_routes(self):
         return []
@@ -280,14 +300,17 @@ class DicomScpEndpoint:
                 ),
                 connect_timeout=options.artim_timeout_secs,
                 dimse_timeout=options.dimse_timeout_secs,
+                tls=self.move_tls,
             )
             handlers[messages.C_MOVE_RQ] = RetrieveService(
                 (executor, self), "move", destinations=dict(options.move_destinations), client=client,
                 storage=storage,
             )
-        factory = DicomServerFactory(reactor, self.policy(), settings, handlers, enable_echo=options.enable_echo)
-        description = f"tcp:port={options.port}:interface={endpoints.quoteStringArgument(options.bind_addr)}"
-        listener = StreamServerEndpointService(endpoints.serverFromString(reactor, description), factory)
+        factory = DicomServerFactory(
+            reactor, self.policy(), settings, handlers, enable_echo=options.enable_echo, metrics=self._metrics
+        )
+        endpoint = server_endpoint(reactor, options.bind_addr, options.port, self.tls, label=f"endpoint {self.name}")
+        listener = StreamServerEndpointService(endpoint, factory)
         listener._raiseSynchronously = True
         listener.setName(f"dicom:{self.name}")
         self.factory = factory

@@ -1,6 +1,10 @@
 # -*- test-case-name: tests.unit.test_http_adapter -*-
 """
 twisted.web requests in and out of envelopes.
+
+The request id (L{harmony.http.request_id}) goes into
+C{envelope.metadata["request_id"]}; the response keeps Harmony's
+C{X-Request-ID} (a backend's own is not passed on: one id per request).
 """
 
 from collections.abc import Mapping
@@ -12,6 +16,7 @@ from zope.interface import implementer
 
 from harmony.envelope import Headers, RequestDetails, RequestEnvelope, body_length
 from harmony.errors import PayloadTooLarge
+from harmony.http import request_id
 from harmony.http.bodies import ContentLimits
 from harmony.http.headers import HOP_BY_HOP
 from harmony.interfaces import IProtocolAdapter
@@ -26,7 +31,7 @@ NO_BODY_STATUSES = frozenset({204, 304}) | frozenset(range(100, 200))
 #: Singleton headers that twisted.web sets on every response; a backend's
 #: value replaces them (never two Date or Server headers).
 _DEFAULTED = frozenset({b"server", b"date"})
-_SKIP = frozenset(n.encode("ascii") for n in HOP_BY_HOP) | {b"content-length"}
+_SKIP = frozenset(n.encode("ascii") for n in HOP_BY_HOP) | {b"content-length", request_id.HEADER}
 
 
 def _first_token(value):
@@ -158,7 +163,9 @@ class HttpAdapter:
         envelope = RequestEnvelope(details=details, body=body, content_limits=limits)
         if isinstance(envelope.body, Stream):
             envelope.rewind_body = lambda: self._body(request)
-        envelope.metadata["protocol"] = "http"
+        metadata = envelope.metadata
+        metadata["protocol"] = "http"
+        metadata["request_id"] = request_id.for_request(request)
         return envelope
 
     @staticmethod

@@ -21,7 +21,8 @@ is safe (idempotent method, or a body held in memory).
 import re
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -555,6 +556,21 @@ class _ConnectionFactory(Factory):
         return self._connection
 
 
+def _tcp_endpoint(reactor, host, port, timeout):
+    """
+    The client endpoint for C{host}: an IP address is connected to at once
+    (HostnameEndpoint would report a refused connection only after its
+    0.3 s attempt delay: a dead upstream would cost every request that
+    much before failing over); a name is resolved (happy eyeballs).
+    """
+    text = host.decode("ascii") if isinstance(host, bytes) else host
+    if isIPAddress(text):
+        return TCP4ClientEndpoint(reactor, text, port, timeout=timeout)
+    if isIPv6Address(text):
+        return TCP6ClientEndpoint(reactor, text, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
 @implementer(IAgent)
 class PooledAgent:
     """
@@ -564,7 +580,8 @@ class PooledAgent:
     @param connect_timeout: seconds to establish a TCP (and TLS) connection.
     @param max_idle_per_origin: idle connections kept per origin.
     @param idle_timeout: seconds an idle connection is kept.
-    @param tls_policy: an C{IPolicyForHTTPS} for https URLs.
+    @param tls_policy: the default C{IPolicyForHTTPS} for https URLs
+        (a request may bring its own: C{request(..., tls=policy)}).
     """
 
     def __init__(self, reactor, connect_timeout=10, max_idle_per_origin=64, idle_timeout=60, tls_policy=None):
@@ -577,11 +594,15 @@ class PooledAgent:
         self._sweeper = None
         self._endpoints = {}
 
-    def request(self, method, uri, headers=None, bodyProducer=None, connect_timeout=None):
+    def request(self, method, uri, headers=None, bodyProducer=None, connect_timeout=None, tls=None):
         """
         C{IAgent.request}.  C{headers} may also be a list of C{(name, value)}
         byte pairs (cheaper than a L{Headers}); C{connect_timeout} overrides
-        the agent's for the connection this request may open.
+        the agent's for the connection this request may open; C{tls} (an
+        C{IPolicyForHTTPS}) overrides the agent's TLS policy for an https
+        URL: connections are pooled per origin I{and} policy, so a
+        connection opened with one backend's CA or client certificate never
+        serves another's requests.
         """
         if _UNSAFE.search(uri) or _UNSAFE.search(method):
             return defer.fail(ValueError("spaces or control characters in the method or URL"))
@@ -589,7 +610,7 @@ class PooledAgent:
             scheme, host, port, target = split_url(uri)
         except ValueError as e:
             return defer.fail(e)
-        key = (scheme, host, port)
+        key = (scheme, host, port) if tls is None or scheme != b"https" else (scheme, host, port, tls)
         default = 443 if scheme == b"https" else 80
         host_header = host if port == default else b"%s:%d" % (host, port)
         if b":" in host:
@@ -619,10 +640,11 @@ class PooledAgent:
     def _endpoint(self, key, timeout):
         endpoint = self._endpoints.get((key, timeout))
         if endpoint is None:
-            scheme, host, port = key
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+            scheme, host, port = key[:3]
+            endpoint = _tcp_endpoint(self._reactor, host, port, timeout)
             if scheme == b"https":
-                endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
+                policy = key[3] if len(key) > 3 else self._tls
+                endpoint = wrapClientTLS(policy.creatorForNetloc(host, port), endpoint)
             self._endpoints[(key, timeout)] = endpoint
         return endpoint
 

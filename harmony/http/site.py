@@ -2,6 +2,11 @@
 """
 One C{twisted.web.server.Site} per network.
 
+Every request gets a request id (L{harmony.http.request_id}) and one
+access line (L{harmony.logs.http_access}: method, path without the query,
+status, bytes, duration, client, network, pipeline, request id) when it
+ends, also when it was refused (413) or the client went away.
+
 The root resource of a network's site is a L{NetworkResource}: Harmony's
 own L{RouteTable} picks the endpoint (longest prefix, fixed routes,
 conflicts detected at startup) and the endpoint's pipeline answers.
@@ -28,7 +33,9 @@ from twisted.web import server
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 
+from harmony import logs
 from harmony.errors import HarmonyError, InternalError, PayloadTooLarge
+from harmony.http import request_id
 from harmony.http.client import TRANSPORT_BUFFER
 from harmony.http.headers import json_error_body
 from harmony.logs import logger
@@ -71,13 +78,17 @@ class NetworkResource(Resource):
         self.routes = routes
         self.executors = executors
         self.adapter = adapter
+        #: Requests being answered (see L{harmony.tap.GatewayService}).
+        self.in_flight = 0
 
     def render(self, request):
         path = request.path.decode("latin-1")
         method = request.method.decode("latin-1")
         route = None
+        request_id.for_request(request)
         try:
             route, relative = self.routes.resolve(method, path)
+            request.harmony_pipeline = route.pipeline
             envelope = self.adapter.to_envelope(request, route, relative)
         except HarmonyError as e:
             # In the protocol of the endpoint that owns the path, when one
@@ -96,12 +107,22 @@ class NetworkResource(Resource):
         except Exception:
             log.failure("Unexpected error on network {network}", network=self.network)
             return json_error(request, InternalError())
+        # Until the response is written (or the client went away): what a
+        # graceful shutdown waits for.  Asked before the pipeline runs: a
+        # request answered at once is finished when execute() returns.
+        self.in_flight += 1
+        finished = request.notifyFinish()
+        finished.addBoth(self._finished)
         d = self.executors[route.pipeline].execute(route.endpoint, envelope)
         d.addCallback(self._write, request)
         d.addErrback(self._failed, request, route)
         # A client that goes away cancels the pipeline (and the backend call).
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        finished.addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET
+
+    def _finished(self, result):
+        self.in_flight -= 1
+        return result
 
     def route_for(self, method, uri):
         """
@@ -161,10 +182,55 @@ class HarmonyRequest(server.Request):
 
     _refused = False
     _received = 0
+    #: The access line was written.
+    _logged = False
+    #: The pipeline that answered (set by L{NetworkResource}).
+    harmony_pipeline = None
 
     def __init__(self, *args, **kwargs):
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(*args, **kwargs)
+        # Created on the request line: the access line's duration counts
+        # from here.
+        self._site = site = getattr(self.channel, "site", None)
+        self._started = site.reactor.seconds() if site is not None else time.time()
+
+    def access(self, status, length, aborted=False):
+        """
+        Write this request's access line (once).
+        """
+        if self._logged:
+            return
+        self._logged = True
+        if not logs.access_enabled():
+            return
+        site = self._site
+        now = site.reactor.seconds() if site is not None else time.time()
+        method, path = self.method, self.path
+        if path is None:
+            # Refused before the request was complete: from the request line.
+            channel = self.channel
+            method = getattr(channel, "_command", None) or b"-"
+            path = (getattr(channel, "_path", None) or b"-").split(b"?", 1)[0]
+        logs.http_access(
+            method.decode("latin-1"),
+            path.decode("latin-1"),
+            status,
+            length,
+            now - self._started,
+            getattr(self.client, "host", None),
+            getattr(getattr(site, "resource", None), "network", None),
+            self.harmony_pipeline,
+            getattr(self, "harmony_request_id", None),
+            aborted,
+        )
+
+    def connectionLost(self, reason):
+        if not self.finished and not self._logged and self.path is not None:
+            # The client went away (or the response was aborted): 499
+            # (nginx's "client closed request") when no status was sent.
+            self.access(self.code if self.startedWriting else 499, self.sentLength, aborted=True)
+        super().connectionLost(reason)
 
     # -- body size limit: refused before the body is read ----------------------
 
@@ -237,11 +303,16 @@ class HarmonyRequest(server.Request):
                 log.failure("Rendering a 413 for endpoint {endpoint} failed", endpoint=route.endpoint.name)
         if body is None:
             body = json.dumps(json_error_body(PayloadTooLarge())).encode("utf-8")
+        rid = request_id.for_request(self).encode("ascii")
+        if route is not None:
+            self.harmony_pipeline = route.pipeline
         transport = self.channel.transport
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: " + content_type + b"\r\n"
+            b"X-Request-ID: " + rid + b"\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
         )
+        self.access(413, len(body))
         transport.loseConnection()
 
     def process(self):
@@ -264,9 +335,10 @@ class HarmonyRequest(server.Request):
 
 class HarmonySite(server.Site):
     """
-    A Site that keeps small bodies in memory, and does not write
-    twisted.web's access log: its lines carry the full URI, and query
-    strings can hold patient identifiers.
+    A Site that keeps small bodies in memory, and writes Harmony's access
+    line (L{harmony.logs.http_access}) instead of twisted.web's access log:
+    its lines carry the full URI, and query strings can hold patient
+    identifiers.
     """
 
     noisy = False
@@ -277,7 +349,9 @@ class HarmonySite(server.Site):
     max_body_size = None
 
     def log(self, request):
-        pass
+        access = getattr(request, "access", None)
+        if access is not None:
+            access(request.code, request.sentLength)
 
     def getContentFile(self, length):
         if length is not None and length <= MEMORY_BODY_LIMIT:

@@ -836,13 +836,14 @@ def test_wireguard_disabled_is_accepted(tmp_path):
     assert config.networks["wg"].http is None
 
 
-def test_management_enabled_is_an_error(tmp_path):
+def test_management_enabled_needs_a_known_network(tmp_path):
+    # More [management] checks: tests/unit/test_management.py.
     error = load_error(tmp_path, PROXY + '[management]\nenabled = true\nnetwork = "main"\n')
     assert_error(
         error,
         "harmony.toml",
-        "management.enabled",
-        "the management API is not available in this version of Harmony; set enabled = false",
+        "management.network",
+        "unknown network 'main' (no networks are defined)",
     )
 
 

@@ -973,6 +973,22 @@ class FailureTests(AgentTestCase):
         self.reactor.advance(1)
         self.failureResultOf(d, ConnectionRefusedError)
 
+    def test_connection_refused_by_an_ip_address_fails_at_once(self):
+        """
+        An upstream given by IP address is connected to directly: a refusal
+        fails the request without the 0.3 s attempt delay of a resolved
+        name (a dead target would cost every request that long).
+        """
+        for host, uri in (("127.0.0.1", b"http://127.0.0.1:8001/"), ("::1", b"http://[::1]:8001/")):
+            d = self.agent.request(b"GET", uri)
+            self.assertEqual(self.reactor.tcpClients[-1][:2], (host, 8001))
+            self.connection().refuse()
+            self.failureResultOf(d, ConnectionRefusedError)
+
+    def test_per_request_connect_timeout(self):
+        self.agent.request(b"GET", b"http://127.0.0.1:8001/", connect_timeout=2.5)
+        self.assertEqual(self.connection().timeout, 2.5)
+
     def test_connect_timeout_passed(self):
         agent = PooledAgent(self.reactor, connect_timeout=7)
         agent.request(b"GET", b"http://example.test/")

@@ -12,6 +12,7 @@ import tempfile
 import types
 
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -402,6 +403,24 @@ class HandAssembledTests(_SiteBase):
         self.assertEqual(details.scheme, "http")
         # X-Forwarded-Host from an untrusted client is ignored
         self.assertEqual(details.base_url, "http://gw.test")
+
+    def test_in_flight_counts_requests_until_answered(self):
+        """
+        What a graceful shutdown waits for: requests answered at once
+        (here an error rendered before any backend) and later ones.
+        """
+        self.json_request(self.stub, "GET", "http://gw.test/forbidden")
+        self.request(self.stub, "GET", "http://gw.test/fine")
+        self.assertEqual(self.app.in_flight, 0)
+        pending = defer.Deferred()
+        self.backend.result = lambda env: pending
+        d = self.stub.request("GET", "http://gw.test/slow")
+        self.stub.flush()
+        self.assertEqual(self.app.in_flight, 1)
+        pending.callback(ResponseEnvelope(status=200, body=b"late"))
+        self.stub.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(self.app.in_flight, 0)
 
     def test_make_site(self):
         site = make_site(self.app, reactor=Clock())
