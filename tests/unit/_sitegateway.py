@@ -11,6 +11,8 @@ import shutil
 import tempfile
 import uuid
 
+from test_http_site import BASE_TOML as SITE_BASE_TOML
+from test_http_site import PIPELINES_TOML as SITE_PIPELINES_TOML
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -24,48 +26,9 @@ from harmony.registry import BuildContext, builtin_registry
 
 HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 
-BASE_TOML = """
-[proxy]
-id = "unit"
-
-[proxy.content_limits]
-max_body_size = 1000
-
-[network.default.http]
-bind_address = "127.0.0.1"
-bind_port = 8080
-"""
-
-PIPELINES_TOML = """
-[pipelines.echo]
-networks = ["default"]
-endpoints = ["echo"]
-backends = ["echo"]
-
-[endpoints.echo]
-service = "echo"
-[endpoints.echo.options]
-path_prefix = "/echo"
-
-[backends.echo]
-service = "echo"
-
-[pipelines.proxy]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["upstream"]
-
-[endpoints.api]
-service = "http"
-[endpoints.api.options]
-path_prefix = "/api"
-
-[backends.upstream]
-service = "http"
-[backends.upstream.options]
-base_url = "http://upstream.test/base"
-timeout_secs = 5
-"""
+# The gateway of test_http_site, with a small body limit (413 access lines).
+BASE_TOML = SITE_BASE_TOML.replace('id = "unit"\n', 'id = "unit"\n\n[proxy.content_limits]\nmax_body_size = 1000\n')
+PIPELINES_TOML = SITE_PIPELINES_TOML
 
 
 def is_generated(value):
