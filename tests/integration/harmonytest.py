@@ -223,3 +223,49 @@ def request(port, method, target, body=None, headers=(), timeout=30, connection=
     finally:
         if connection is None:
             conn.close()
+
+
+class Restartable:
+    """
+    Named peer processes that a test kills and starts again, each on a
+    port of its own that it keeps across restarts.  Subclasses give the
+    command line (L{argv}) and may give an environment (L{env}).
+    """
+
+    label = "peer"
+
+    def __init__(self, directory, names):
+        self.directory = directory
+        self.ports = {name: free_port() for name in names}
+        self.processes = {}
+        self.starts = 0
+
+    def argv(self, name):
+        raise NotImplementedError
+
+    def env(self, name):
+        return None
+
+    def start(self, name):
+        assert not self.alive(name), name
+        self.starts += 1
+        process = Process(self.argv(name), self.directory, f"{self.label}-{name}-{self.starts}", env=self.env(name))
+        process.wait_for_port(self.ports[name])
+        self.processes[name] = process
+
+    def start_all(self):
+        for name in self.ports:
+            self.start(name)
+
+    def kill(self, name):
+        process = self.processes.pop(name, None)
+        if process is not None:
+            process.kill()
+
+    def alive(self, name):
+        process = self.processes.get(name)
+        return process is not None and process.popen.poll() is None
+
+    def stop(self):
+        for name in list(self.processes):
+            self.processes.pop(name).stop()

@@ -26,7 +26,7 @@ from peers import PEER_ENV, build_bind_shim, dcmtk, require
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from harmonytest import Process, free_port, request, start_harmony, write_config
+from harmonytest import Restartable, free_port, request, start_harmony, write_config
 
 AETS = {"A": "STOREA", "B": "STOREB"}
 HARMONY_AET = "HARMONY"
@@ -118,53 +118,35 @@ open_secs = 0.5
 """
 
 
-class StoreScps:
+class StoreScps(Restartable):
     """
     The two storescp processes, each keeping its port and output directory
     across restarts.
     """
 
+    label = "storescp"
+
     def __init__(self, directory):
-        self.directory = directory
+        super().__init__(directory, AETS)
         self.shim = build_bind_shim(directory)
         self.binary = require("storescp")
-        self.ports = {name: free_port() for name in AETS}
         self.out = {}
         for name in AETS:
             self.out[name] = directory / f"in-{name}"
             self.out[name].mkdir()
-        self.processes = {}
-        self.starts = 0
-        for name in AETS:
-            self.start(name)
+        self.start_all()
 
-    def start(self, name):
-        assert not self.alive(name), name
-        self.starts += 1
-        argv = [self.binary, "-aet", AETS[name], "-od", self.out[name], self.ports[name]]
-        env = dict(PEER_ENV, LD_PRELOAD=str(self.shim))
-        process = Process(argv, self.directory, f"storescp-{name}-{self.starts}", env=env)
-        process.wait_for_port(self.ports[name])
-        self.processes[name] = process
+    def argv(self, name):
+        return [self.binary, "-aet", AETS[name], "-od", self.out[name], self.ports[name]]
 
-    def kill(self, name):
-        process = self.processes.pop(name, None)
-        if process is not None:
-            process.kill()
-
-    def alive(self, name):
-        process = self.processes.get(name)
-        return process is not None and process.popen.poll() is None
+    def env(self, name):
+        return dict(PEER_ENV, LD_PRELOAD=str(self.shim))
 
     def holder(self, sop_instance_uid):
         """
         Which SCPs (names) stored the instance.
         """
         return {name for name, out in self.out.items() if any(sop_instance_uid in p.name for p in out.iterdir())}
-
-    def stop(self):
-        for name in list(self.processes):
-            self.processes.pop(name).stop()
 
 
 @pytest.fixture(scope="module")

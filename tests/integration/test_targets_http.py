@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harmonytest import HERE, Process, free_port, request, start_harmony, write_config
+from harmonytest import HERE, Restartable, free_port, request, start_harmony, write_config
 
 #: The backends' timeout_secs (per attempt); SLOW answers much later.
 TIMEOUT = 1.0
@@ -131,38 +131,21 @@ def pipeline(name, targets, strategy="round_robin", retries=0, health=True, fail
     return text
 
 
-class Upstreams:
+class Upstreams(Restartable):
     """
     The named upstream_server.py processes, each on a port of its own that
     it keeps across restarts.
     """
 
+    label = "upstream"
+
     def __init__(self, directory, delays):
-        self.directory = directory
+        super().__init__(directory, delays)
         self.delays = delays
-        self.ports = {name: free_port() for name in delays}
-        self.processes = {}
-        self.starts = 0
-        for name in delays:
-            self.start(name)
+        self.start_all()
 
-    def start(self, name):
-        assert not self.alive(name), name
-        self.starts += 1
-        port = self.ports[name]
-        argv = [sys.executable, HERE / "upstream_server.py", port, name, self.delays[name]]
-        process = Process(argv, self.directory, f"upstream-{name}-{self.starts}")
-        process.wait_for_port(port)
-        self.processes[name] = process
-
-    def kill(self, name):
-        process = self.processes.pop(name, None)
-        if process is not None:
-            process.kill()
-
-    def alive(self, name):
-        process = self.processes.get(name)
-        return process is not None and process.popen.poll() is None
+    def argv(self, name):
+        return [sys.executable, HERE / "upstream_server.py", self.ports[name], name, self.delays[name]]
 
     def received(self, name):
         """
@@ -171,10 +154,6 @@ class Upstreams:
         response = request(self.ports[name], "GET", "/_requests", timeout=5)
         assert response.status == 200, response
         return [tuple(r) for r in response.json()]
-
-    def stop(self):
-        for name in list(self.processes):
-            self.processes.pop(name).stop()
 
 
 @pytest.fixture(scope="module")
