@@ -107,6 +107,12 @@ def build_gateway(config, registry, context):
             pipeline.failover_non_idempotent,
             metrics=None if metrics is None else metrics.pipeline(pname),
         )
+        for mw in instances.values():
+            # Middleware that asks the backends itself (more than once per
+            # request) gets the executor: PipelineExecutor.call_backends.
+            bind = getattr(mw, "bind_pipeline", None)
+            if bind is not None:
+                bind(executors[pname])
         for i, ename in enumerate(pipeline.endpoints):
             for route in endpoints[ename].http_routes():
                 route = attr.evolve(route, pipeline=pname)

@@ -75,6 +75,11 @@ class IEndpoint(Interface):
 class IMiddleware(Interface):
     """
     A request/response hook in a pipeline, built once at startup.
+
+    Optionally it may also have C{bind_pipeline(executor)}: called once
+    when its pipeline is built, with the L{harmony.pipeline.PipelineExecutor}
+    whose C{call_backends(envelope)} lets the middleware ask the pipeline's
+    backends more than once for one request.
     """
 
     name = Attribute("The middleware instance name.")

@@ -212,6 +212,18 @@ class PipelineExecutor:
         )
         return _then(endpoint.outgoing(envelope, response), _same)
 
+    def call_backends(self, envelope):
+        """
+        Send C{envelope} to this pipeline's backends (ordered failover as
+        for the pipeline's own requests), without running any middleware:
+        for middleware that needs more than one backend answer to build
+        its response (e.g. C{fhir_imaging}'s series-level C-FINDs), given
+        to it through its optional C{bind_pipeline(executor)}.
+
+        @return: Deferred[L{ResponseEnvelope}]
+        """
+        return self._call_backends(envelope, 0)
+
     def _may_fail_over(self, envelope):
         method = envelope.details.method
         if envelope.dicom is not None:

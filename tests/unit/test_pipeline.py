@@ -457,3 +457,35 @@ class NoBackendTests(_Base):
             self.log,
             [("incoming", "ep"), ("request", "a"), ("response", "a"), ("outgoing", "ep")],
         )
+
+
+class CallBackendsTests(_Base):
+    """
+    L{PipelineExecutor.call_backends}: the backends alone, for middleware
+    that asks them more than once per request.
+    """
+
+    def test_no_middleware_runs(self):
+        mw = self.middleware("m")
+        b = self.backend("b", ResponseEnvelope(status=200, body=b"answer"))
+        executor = self.executor([mw], backends=[b])
+        envelope = make_request("GET")
+        response = self.successResultOf(executor.call_backends(envelope))
+        self.assertEqual(response.body, b"answer")
+        self.assertEqual(b.calls, [envelope])
+        self.assertEqual([e for e in self.log if e[0] != "backend"], [])
+
+    def test_fails_over_as_the_pipeline_does(self):
+        a = self.backend("a", UpstreamUnavailable)
+        b = self.backend("b", ResponseEnvelope(status=200, body=b"from b"))
+        response = self.successResultOf(self.executor(backends=[a, b]).call_backends(make_request("GET")))
+        self.assertEqual(response.body, b"from b")
+        self.assertEqual(len(a.calls), 1)
+
+    def test_errors_are_not_rendered(self):
+        """
+        The caller gets the typed error (it decides how to answer), not an
+        endpoint's rendering of it.
+        """
+        a = self.backend("a", UpstreamTimeout)
+        self.failureResultOf(self.executor(backends=[a]).call_backends(make_request("GET")), UpstreamTimeout)
