@@ -21,8 +21,12 @@ Everything runs on 127.0.0.1 with free ports, in one go:
     middleware against plain passthrough: C{/jwt} (C{jwt_auth}, HS256, a
     valid token on every request) and C{/transform} (a JOLT C{transform}
     of the origin's JSON response);
- 3. peak RSS (VmHWM) of the two proxy processes, and CPU use of every
-    process during each measurement;
+ 2c. Harmony again with C{[proxy] workers = N} (C{--workers}, default 2;
+    not pinned: its processes share the HTTP socket and use every core),
+    plain passthrough GET and POST: the multi-core ratio against one process;
+ 3. peak RSS (VmHWM) of the proxy processes (a multi-worker Harmony: the
+    sum over its processes), and CPU use of every process during each
+    measurement;
  4. a table, ratios and whether Harmony reaches the target rate.
 
 See bench/README.md for the pinning and how to read the output.  This is a
@@ -348,23 +352,37 @@ class Child:
     def alive(self):
         return self.proc.poll() is None
 
-    def status(self, key):
+    def pids(self):
+        """The process and its children (a multi-worker Harmony's workers)."""
         try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])  # kB
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return [self.pid] + [int(p) for p in f.read().split()]
         except OSError:
-            pass
-        return None
+            return [self.pid]
+
+    def status(self, key):
+        total = None
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith(key + ":"):
+                            total = (total or 0) + int(line.split()[1])  # kB
+            except OSError:
+                pass
+        return total
 
     def cpu_ticks(self):
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return int(fields[11]) + int(fields[12])  # utime + stime (after pid, comm)
-        except OSError:
-            return None
+        total = None
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total = (total or 0) + int(fields[11]) + int(fields[12])  # utime + stime (after pid, comm)
+            except OSError:
+                if pid == self.pid:
+                    return None
+        return total
 
     def stop(self):
         if self.alive():
@@ -494,6 +512,8 @@ def main():
     ap.add_argument("--warmup", type=float, default=2, help="warm-up seconds before each measurement (default 2)")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     ap.add_argument("--body-size", type=int, default=1024, help="response and POST body bytes (default 1024)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="also measure Harmony with [proxy] workers = N (default 2; 1: skip)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = ap.parse_args()
 
@@ -590,6 +610,27 @@ def main():
         print(f"  revproxy    twisted.web.proxy.ReverseProxyResource pid {revproxy.pid} "
               f"on 127.0.0.1:{rp_port}")
 
+        # 3b. Harmony with several worker processes
+        multi = None
+        if args.workers > 1:
+            multi_port = free_port()
+            cfg = os.path.join(workdir, "harmony-workers.toml")
+            with open(cfg, "w") as f:
+                f.write(HARMONY_CONFIG.format(port=multi_port, backend_port=backend_port, jwt_secret=jwt_secret,
+                                              spec_path=spec_path)
+                        .replace('id = "bench"\n', f'id = "bench"\nworkers = {args.workers}\n', 1))
+            multi = start("workers", [twistd, "-n", "--pidfile=", "--reactor=epoll", "harmony", "-c", cfg],
+                          None, f"http://127.0.0.1:{multi_port}{PATH}", cwd=workdir)
+            deadline = time.monotonic() + 20
+            while len(multi.pids()) < args.workers and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if len(multi.pids()) < args.workers:
+                die(f"harmony with workers = {args.workers} started {len(multi.pids())} processes",
+                    (multi.name, multi.log))
+            time.sleep(1.0)  # the workers adopt the socket
+            print(f"  workers     twistd harmony, [proxy] workers = {args.workers} (pids {multi.pids()}, "
+                  f"not pinned) on 127.0.0.1:{multi_port}")
+
         targets = [
             ("direct", f"http://127.0.0.1:{backend_port}{PATH}", None),
             ("harmony", f"http://127.0.0.1:{harmony_port}{PATH}", harmony),
@@ -597,6 +638,8 @@ def main():
             ("jwt", f"http://127.0.0.1:{harmony_port}/jwt/item", harmony),
             ("transform", f"http://127.0.0.1:{harmony_port}/transform/item", harmony),
         ]
+        if multi is not None:
+            targets.append(("workers", f"http://127.0.0.1:{multi_port}{PATH}", multi))
         logs = [(c.name, c.log) for c in children]
         for name, url, _ in targets:
             if name == "jwt":
@@ -655,7 +698,8 @@ def main():
         print()
         label = {"direct": "direct (wrk -> backend)", "harmony": "harmony (twistd harmony)",
                  "revproxy": "ReverseProxyResource", "jwt": "harmony + jwt_auth HS256",
-                 "transform": "harmony + JOLT transform"}
+                 "transform": "harmony + JOLT transform",
+                 "workers": f"harmony, {args.workers} workers"}
         hdr = f"{'target':<26} {'method':<6} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} " \
               f"{'proxy cpu':>9} {'backend cpu':>11} {'other cpu':>9} {'peak RSS':>10}"
         print(hdr)
@@ -686,6 +730,12 @@ def main():
                 print(f"{method:<4}  {label[name]}: {r['rps']:.0f} req/s = {r['rps'] / h['rps']:.2f}x plain "
                       f"passthrough ({extra_us:+.0f} us per request at {args.connections} connections; "
                       f"p50 {fmt_ms(r['p50_us'])} vs {fmt_ms(h['p50_us'])} ms)")
+        if multi is not None:
+            for method in ("GET", "POST"):
+                h = results[("harmony", method)]["rps"]
+                w = results[("workers", method)]["rps"]
+                print(f"{method:<4}  harmony with {args.workers} workers / one process = {w / h:.2f} "
+                      f"({w:.0f} vs {h:.0f} req/s; on {ncpu} cores shared with the backend and wrk)")
         fastest_proxy = max(results[(n, m)]["rps"] for n in ("harmony", "revproxy") for m in ("GET", "POST"))
         slowest_direct = min(results[("direct", m)]["rps"] for m in ("GET", "POST"))
         if slowest_direct < 2 * fastest_proxy:

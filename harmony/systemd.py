@@ -50,6 +50,8 @@ SyslogIdentifier=harmony
 # Files Harmony may write (storage, temp areas, optional log file).
 StateDirectory=harmony
 LogsDirectory=harmony
+# [proxy] workers > 1: the directory the worker processes share.
+RuntimeDirectory=harmony
 UMask=0027
 
 # Bind DICOM port 104 or HTTP ports below 1024 without running as root.

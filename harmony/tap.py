@@ -6,6 +6,7 @@ This is the only module that imports the global reactor; everything below
 gets the reactor, the HTTP agent and the configuration injected.
 """
 
+import os
 import signal
 import sys
 
@@ -18,7 +19,7 @@ from twisted.logger import ILogObserver
 from twisted.python import components, usage
 from zope.interface import implementer
 
-from harmony import __version__, logs, systemd
+from harmony import __version__, logs, systemd, workers
 from harmony import tls as harmony_tls
 from harmony.config import ConfigError, load_config
 from harmony.gateway import build_gateway
@@ -52,6 +53,7 @@ class Options(usage.Options):
             build_gateway(self.harmony_config, self.registry, BuildContext(config=self.harmony_config))
             # The HTTPS listeners' certificate, key and CA files.
             harmony_tls.check_listeners(self.harmony_config)
+            _check_workers(self.harmony_config)
         except ConfigError as e:
             # One clear line, not twistd's usage text: the command line was fine.
             print(f"harmony: configuration error: {e}", file=sys.stderr)
@@ -68,9 +70,13 @@ class _LoggingEndpoint:
         self._endpoint = endpoint
         self._network = network
         self._scheme = scheme
+        #: The listening port, once bound (its socket is shared with the
+        #: other worker processes).
+        self.port = None
 
     def listen(self, factory):
         def listening(port):
+            self.port = port
             host = port.getHost()
             log.info(
                 "Network {network} listening on {scheme}://{host}:{port}",
@@ -96,6 +102,11 @@ class GatewayService(service.MultiService):
     @param reactor: the reactor (listeners, timers).
     @param rebuild: C{() -> Gateway}: load and build the configuration again
         (raises L{ConfigError}); C{None}: no reload.
+    @param adopted: network name -> (fd, family): a worker process other
+        than the first serves these inherited listening sockets instead
+        of binding (L{harmony.workers}).
+    @ivar supervisor: worker 0's L{harmony.workers.WorkerSupervisor} when
+        C{[proxy] workers > 1}, else C{None}.
     """
 
     #: The log observer that replaces twistd's default one (stdout or
@@ -110,12 +121,18 @@ class GatewayService(service.MultiService):
             parent.setComponent(ILogObserver, self.log_observer)
         return super().setServiceParent(parent)
 
-    def __init__(self, gateway, pool, reactor=None, rebuild=None):
+    def __init__(self, gateway, pool, reactor=None, rebuild=None, adopted=None, worker_index=0):
         super().__init__()
         self.gateway = gateway
         self.pool = pool
         self.reactor = reactor
         self.rebuild = rebuild
+        self.adopted = adopted
+        self.worker_index = worker_index
+        self.supervisor = None
+        self.shared_dir = None
+        #: network name -> its L{_LoggingEndpoint} (the bound port)
+        self.ports = {}
         #: network name -> ((address, port), listener service, NetworkResource)
         self.networks = {}
         #: network name -> its listener's L{harmony.tls.ServerTLS} (None: HTTP)
@@ -137,11 +154,20 @@ class GatewayService(service.MultiService):
         # so that a reload can give it renewed files.
         server_tls = harmony_tls.listener_tls(http, self.gateway.config, network)
         self.listener_tls[network] = server_tls
-        endpoint = harmony_tls.listener_endpoint(self.reactor, http, network=network, tls=server_tls)
+        if self.adopted is not None or self.supervisor is not None:
+            if self.adopted is not None:
+                endpoint = workers.AdoptedEndpoint(self.reactor, *self.adopted[network])
+            else:
+                # Worker 0 of several: the others listen on the same port.
+                endpoint = workers.ReusePortEndpoint(self.reactor, http.bind_address, http.bind_port)
+            if server_tls is not None:
+                endpoint = harmony_tls.TLSServerEndpoint(self.reactor, endpoint, server_tls, f"network {network}")
+        else:
+            endpoint = harmony_tls.listener_endpoint(self.reactor, http, network=network, tls=server_tls)
         site = make_site(app, self.reactor, self.gateway.config.proxy.content_limits.max_body_size)
-        listener = StreamServerEndpointService(
-            _LoggingEndpoint(endpoint, network, harmony_tls.listener_scheme(http)), site
-        )
+        logging_endpoint = _LoggingEndpoint(endpoint, network, harmony_tls.listener_scheme(http))
+        self.ports[network] = logging_endpoint
+        listener = StreamServerEndpointService(logging_endpoint, site)
         # Fail startup (non-zero exit) when the address cannot be bound.
         listener._raiseSynchronously = True
         listener.setName(f"network:{network}")
@@ -167,6 +193,10 @@ class GatewayService(service.MultiService):
 
     def startService(self):
         config = self.gateway.config
+        if self.adopted is not None:
+            super().startService()
+            log.info("Worker {index} serving (pid {pid})", index=self.worker_index, pid=os.getpid())
+            return
         log.info(
             "Harmony {version} starting (proxy id {id}, {pipelines} pipelines)",
             version=__version__,
@@ -178,8 +208,21 @@ class GatewayService(service.MultiService):
         super().startService()
         if self.rebuild is not None:
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
-        # Every listener is bound by now (privilegedStartService).
+        # Every listener is bound by now (privilegedStartService): the
+        # other workers get their sockets.
+        if self.supervisor is not None:
+            self.supervisor.start_workers(self.listening_addresses())
         systemd.notify(f"READY=1\nSTATUS=Serving {len(config.pipelines)} pipelines")
+
+    def listening_addresses(self):
+        """
+        The HTTP networks' bound addresses: network -> (address, port).
+        """
+        out = {}
+        for network, endpoint in self.ports.items():
+            if network in self.networks and endpoint.port is not None:
+                out[network] = (self.gateway.config.networks[network].http.bind_address, endpoint.port.getHost().port)
+        return out
 
     def stopService(self):
         """
@@ -190,12 +233,20 @@ class GatewayService(service.MultiService):
         systemd.notify("STOPPING=1\nSTATUS=Draining")
         if self.rebuild is not None:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        grace = self.gateway.config.proxy.shutdown_grace_secs
+        # The other workers drain at the same time as this one.
+        others = defer.succeed(None)
+        if self.supervisor is not None:
+            others = self.supervisor.stop_workers(grace)
         listeners = [s for s in self if _is_listener(s)] + [s for s in self.runtime if _is_listener(s)]
         d = defer.gatherResults([defer.maybeDeferred(s.stopService) for s in listeners if s.running])
-        d.addCallback(lambda _: self._drain(self.gateway.config.proxy.shutdown_grace_secs))
+        d.addCallback(lambda _: self._drain(grace))
+        d.addCallback(lambda _: others)
         d.addCallback(lambda _: super(GatewayService, self).stopService())
         d.addCallback(lambda _: self.gateway.close())
         d.addCallback(lambda _: self.pool.closeCachedConnections())
+        if self.shared_dir is not None:
+            d.addBoth(lambda result: (workers.remove_shared_dir(self.shared_dir), result)[1])
         return d
 
     def _busy(self):
@@ -274,6 +325,7 @@ class GatewayService(service.MultiService):
                 log.error("Reload failed, the running configuration stays: {error}", error=str(e))
                 await defer.maybeDeferred(new.close)
                 return False
+            self._replace_workers(new.config)
             log.info(
                 "Reloaded: {pipelines} pipelines (proxy id {id})",
                 pipelines=len(new.config.pipelines), id=new.config.proxy.id,
@@ -281,6 +333,22 @@ class GatewayService(service.MultiService):
             return True
         finally:
             systemd.notify(f"READY=1\nSTATUS=Serving {len(self.gateway.config.pipelines)} pipelines")
+
+    def _replace_workers(self, config):
+        """
+        After a reload: the other workers are replaced by new ones running
+        the new configuration (the old ones finish their requests).
+        """
+        wanted = config.proxy.workers - 1
+        if self.supervisor is None:
+            if wanted > 0:
+                log.warn(
+                    "[proxy] workers = {n} takes effect at the next restart (Harmony started as one process)",
+                    n=config.proxy.workers,
+                )
+            return
+        d = self.supervisor.replace(self.listening_addresses(), wanted, config.proxy.shutdown_grace_secs)
+        d.addErrback(lambda f: log.warn("Stopping the previous workers failed: {e}", e=f.getErrorMessage()))
 
     async def _switch(self, new):
         old = self.gateway
@@ -396,6 +464,16 @@ def make_agent(reactor):
     return agent, agent, HTTPClient(agent, cookiejar=jar)
 
 
+def _check_workers(config):
+    """
+    @raise ConfigError: the configuration cannot run as C{[proxy] workers}
+        processes (L{harmony.workers.check_config}).
+    """
+    problems = workers.check_config(config)
+    if problems:
+        raise ConfigError(*problems[0])
+
+
 def makeService(options):
     from twisted.internet import reactor
 
@@ -404,6 +482,10 @@ def makeService(options):
     logs.configure(config.logging)
     if config.logging.log_to_file:
         logs.add_file(config.resolve_path(config.logging.log_file_path))
+    shared_dir = None
+    if config.proxy.workers > 1:
+        # Before anything is built: rate limits and metrics find it.
+        shared_dir = workers.setup_shared_dir()
 
     pool, agent, client = make_agent(reactor)
     started_at = reactor.seconds()
@@ -415,6 +497,7 @@ def makeService(options):
         new_config = load_config(options["config"], registry)
         # Unusable TLS files refuse the reload (ConfigError) before anything changes.
         harmony_tls.check_listeners(new_config)
+        _check_workers(new_config)
         return build_gateway(
             new_config, registry,
             BuildContext(reactor=reactor, agent=agent, http_client=client, config=new_config,
@@ -422,6 +505,11 @@ def makeService(options):
         )
 
     root = GatewayService(gateway, pool, reactor, rebuild)
+    if shared_dir is not None:
+        # Before the listeners are added: they listen with SO_REUSEPORT.
+        root.shared_dir = shared_dir
+        root.supervisor = workers.WorkerSupervisor(reactor, options["config"], config.proxy.workers - 1)
+        root.supervisor.setServiceParent(root)
     root.log_observer = logs.twistd_observer(getattr(options, "parent", None), reactor)
     for network, app in sorted(gateway.apps.items()):
         root.add_network(network, app)
@@ -432,3 +520,30 @@ def makeService(options):
     for network in sorted(set(config.networks) - set(gateway.apps) - management):
         log.warn("Network {network} has no HTTP routes: not listening", network=network)
     return root
+
+
+def build_worker(reactor, config_path, index, adopted):
+    """
+    A worker process other than the first: the gateway of the
+    configuration serving the inherited HTTP listening sockets
+    (C{adopted}), without DICOM listeners or the management API (worker 0
+    has them, L{harmony.workers}).
+
+    @return: (root service, log observers)
+    """
+    registry = default_registry()
+    config = load_config(config_path, registry)
+    logs.configure(config.logging)
+    observers = [logs.twistd_observer(None, reactor)]
+    if config.logging.log_to_file:
+        logs.add_file(config.resolve_path(config.logging.log_file_path))
+    pool, agent, client = make_agent(reactor)
+    metrics = Metrics() if config.management.enabled else None
+    context = BuildContext(reactor=reactor, agent=agent, http_client=client, config=config, metrics=metrics)
+    gateway = build_gateway(config, registry, context)
+    root = GatewayService(gateway, pool, reactor, adopted=adopted, worker_index=index)
+    for network in sorted(adopted):
+        if network in gateway.apps:
+            root.add_network(network, gateway.apps[network])
+    root.add_runtime(s for s in gateway.endpoint_services(reactor) if not _is_listener(s))
+    return root, observers

@@ -119,6 +119,11 @@ PROXY = Schema(
             "on SIGTERM (and for the previous configuration after SIGHUP): time in-flight requests and "
             "associations get to finish",
         ),
+        "workers": Field(
+            Int(min=1, max=64), 1,
+            "processes serving the HTTP listeners (they share the sockets); DICOM listeners, the management "
+            "API and C-MOVE store SCPs stay in the first one",
+        ),
         "pipelines_path": Field(Str(nonempty=True), "pipelines"),
         "transforms_path": Field(Str(nonempty=True), "transforms"),
         "content_limits": Field(Table(CONTENT_LIMITS), CONTENT_LIMITS.validate({}, None)),

@@ -108,12 +108,20 @@ def test_sigterm_lets_inflight_requests_finish(tmp_path, upstream):
     proc = start_harmony(tmp_path, config, port)
     results = {}
 
+    # A URI of this test only: the upstream's request log shows when it
+    # is in flight there.
+    target = f"/api/sleep/1.5?t={time.monotonic_ns()}"
+
     def slow_request():
-        results["response"] = request(port, "GET", "/api/sleep/1.5")
+        results["response"] = request(port, "GET", target)
+
+    def at_upstream():
+        seen = request(upstream.port, "GET", "/_requests").json()
+        return ["GET", target[len("/api"):]] in seen
 
     thread = threading.Thread(target=slow_request)
     thread.start()
-    time.sleep(0.3)  # the request is in flight at the upstream
+    wait_for(at_upstream, what="the request to reach the upstream")
     proc.popen.send_signal(signal.SIGTERM)
     wait_for(lambda: "Draining 1 in-flight" in proc.output(), what="draining")
     assert not accepts(port)  # no new connections while draining
