@@ -12,6 +12,7 @@ from harmony.gateway import build_gateway, describe
 from harmony.registry import BuildContext, default_registry
 from harmony.systemd import DEFAULT_CONFIG, DEFAULT_USER, DEFAULT_VENV, render_unit
 from harmony.tls import check_listeners
+from harmony.workers import validate as validate_workers
 
 
 def check_config(path, out=None, err=None):
@@ -30,6 +31,7 @@ def check_config(path, out=None, err=None):
         config = load_config(path, registry)
         gateway = build_gateway(config, registry, BuildContext(config=config))
         check_listeners(config)
+        validate_workers(config)
     except ConfigError as e:
         print(f"harmony: configuration error: {e}", file=err)
         return 1

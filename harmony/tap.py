@@ -53,7 +53,7 @@ class Options(usage.Options):
             build_gateway(self.harmony_config, self.registry, BuildContext(config=self.harmony_config))
             # The HTTPS listeners' certificate, key and CA files.
             harmony_tls.check_listeners(self.harmony_config)
-            _check_workers(self.harmony_config)
+            workers.validate(self.harmony_config)
         except ConfigError as e:
             # One clear line, not twistd's usage text: the command line was fine.
             print(f"harmony: configuration error: {e}", file=sys.stderr)
@@ -464,16 +464,6 @@ def make_agent(reactor):
     return agent, agent, HTTPClient(agent, cookiejar=jar)
 
 
-def _check_workers(config):
-    """
-    @raise ConfigError: the configuration cannot run as C{[proxy] workers}
-        processes (L{harmony.workers.check_config}).
-    """
-    problems = workers.check_config(config)
-    if problems:
-        raise ConfigError(*problems[0])
-
-
 def makeService(options):
     from twisted.internet import reactor
 
@@ -497,7 +487,7 @@ def makeService(options):
         new_config = load_config(options["config"], registry)
         # Unusable TLS files refuse the reload (ConfigError) before anything changes.
         harmony_tls.check_listeners(new_config)
-        _check_workers(new_config)
+        workers.validate(new_config)
         return build_gateway(
             new_config, registry,
             BuildContext(reactor=reactor, agent=agent, http_client=client, config=new_config,

@@ -121,6 +121,18 @@ def check_config(config):
     return problems
 
 
+def validate(config):
+    """
+    @raise ConfigError: the configuration cannot run as C{[proxy] workers}
+        processes (the first problem L{check_config} finds).
+    """
+    from harmony.config import ConfigError
+
+    problems = check_config(config)
+    if problems:
+        raise ConfigError(*problems[0])
+
+
 # -- worker 0: starting and watching the other workers -------------------------
 
 

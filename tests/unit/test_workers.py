@@ -296,3 +296,15 @@ def test_shared_dir(monkeypatch):
     assert workers.shared_dir() is None
     monkeypatch.setenv(workers.SHARED_DIR_ENV, "/run/harmony/x")
     assert workers.shared_dir() == "/run/harmony/x"
+
+
+def test_check_config_command_refuses_move_with_workers(tmp_path):
+    from harmony.cli import check_config
+    import io
+
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "harmony.toml").write_text(PROXY + "workers = 3\n" + NETWORK)
+    (tmp_path / "pipelines" / "retrieve.toml").write_text(MOVE_PIPELINE.format(mode="move"))
+    out, err = io.StringIO(), io.StringIO()
+    assert check_config(str(tmp_path / "harmony.toml"), out, err) == 1
+    assert "retrieves with C-MOVE" in err.getvalue() and "workers = 3" in err.getvalue()
