@@ -299,8 +299,9 @@ def test_shared_dir(monkeypatch):
 
 
 def test_check_config_command_refuses_move_with_workers(tmp_path):
-    from harmony.cli import check_config
     import io
+
+    from harmony.cli import check_config
 
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "harmony.toml").write_text(PROXY + "workers = 3\n" + NETWORK)
