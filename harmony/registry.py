@@ -223,6 +223,7 @@ def builtin_registry():
         basic_auth,
         cors,
         dicomweb_bridge,
+        fhir_imaging,
         header,
         jmix_builder,
         json_extractor,
@@ -293,6 +294,7 @@ def builtin_registry():
     registry.add_middleware(
         MiddlewareType("dicomweb_bridge", dicomweb_bridge.DicomwebBridge, dicomweb_bridge.OPTIONS)
     )
+    registry.add_middleware(fhir_imaging.MIDDLEWARE_TYPE)
     registry.add_middleware(MiddlewareType("log_dump", log_dump.LogDump, log_dump.OPTIONS))
     registry.add_middleware(MiddlewareType("json_extractor", json_extractor.JsonExtractor, json_extractor.OPTIONS))
     registry.add_middleware(MiddlewareType("jmix_builder", jmix_builder.JmixBuilder, jmix_builder.OPTIONS))

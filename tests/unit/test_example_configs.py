@@ -14,7 +14,7 @@ from harmony.registry import BuildContext, default_registry
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc")
 EXAMPLES = ["http-to-dicom.toml", "dicom-proxy.toml", "transform-example.toml", "dicomweb.toml", "jmix.toml",
-            "load-balancing.toml"]
+            "load-balancing.toml", "fhir-imaging.toml"]
 
 
 def _enable(text):

@@ -64,6 +64,7 @@ MIDDLEWARE_OPTIONS = {
     "metadata_transform": {"spec_path": _EXAMPLE_SPEC},
     "jwt_auth": {"algorithm": "HS256", "secret": "0123456789abcdef0123456789abcdef"},
     "rate_limit": {"rate": 10.0},
+    "fhir_imaging": {"dicomweb_url": "/dicomweb", "jmix_url": "https://gw.example/jmix", "timezone": "+01:00"},
     "basic_auth": {"users": {"alice": "$2b$12$C6UzMDM.H6dfI/f/IKcEeO5c2OiFq3S0K6uR0m6bQ3bW2E8aJ8Q9a"}},
 }
 

@@ -54,8 +54,8 @@ BUILTIN_SERVICES = ["dicom_scp", "dicom_scu", "dicomweb", "echo", "fhir", "http"
 
 #: Harmony's own middleware types (kept in step with builtin_registry).
 BUILTIN_MIDDLEWARE = [
-    "basic_auth", "connect", "cors", "dicomweb_bridge", "header", "jmix_builder", "json_extractor", "jwt_auth",
-    "log_dump", "metadata_transform", "passthru", "path_filter", "rate_limit", "transform",
+    "basic_auth", "connect", "cors", "dicomweb_bridge", "fhir_imaging", "header", "jmix_builder", "json_extractor",
+    "jwt_auth", "log_dump", "metadata_transform", "passthru", "path_filter", "rate_limit", "transform",
 ]
 
 
