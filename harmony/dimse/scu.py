@@ -1467,7 +1467,9 @@ class DicomClient:
             association.ended.addCallback(ca._ended)
             return association
 
-        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        # The TCP timeout is a backstop: our own timer (below) ends a slow
+        # connect as a timeout, not as an unreachable peer.
+        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, host, port, timeout=self.connect_timeout + 1)
         if self.tls is not None:
             endpoint = endpoints.wrapClientTLS(self.tls.creatorForNetloc(host, port), endpoint)
         factory = Factory.forProtocol(build)
@@ -1535,7 +1537,9 @@ class DicomClient:
     def _associate_timeout(self, ca, connecting):
         if ca._ready.called:
             return
+        # The timeout first: cancelling the connect fails it too (with
+        # CancelledError), and the first failure is the one reported.
+        ca._fail(DimseTimeout(f"association not established within {self.connect_timeout}s"))
         connecting.cancel()
         if ca.association is not None:
             ca.association.abort(0, 0)
-        ca._fail(DimseTimeout(f"association not established within {self.connect_timeout}s"))
