@@ -33,8 +33,6 @@ C{[proxy.content_limits]}), C{max_upload_files} (default 100000).
 
 import os
 import re
-import shutil
-import uuid
 
 from twisted.internet import defer, threads
 
@@ -82,18 +80,11 @@ def store_for(root, reactor, ttl_secs=None, max_bytes=None):
     if store is None:
         store = PackageStore(root, reactor=reactor, ttl_secs=ttl_secs, max_bytes=max_bytes,
                              clock=reactor if hasattr(reactor, "seconds") else None)
+        # Starting it removes the work areas crashed processes left behind
+        # (those another worker process uses are locked: left alone).
         store.ready = defer.maybeDeferred(store.start)
-        # Work areas a crash left behind (no build or upload runs yet).
-        store.ready.addCallback(
-            lambda _: threads.deferToThreadPool(reactor, reactor.getThreadPool(), _clear_work_areas, root)
-        )
         _STORES[root] = store
     return store
-
-
-def _clear_work_areas(root):
-    for name in (".staging", ".upload"):
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def classify(method, path, query):
@@ -285,8 +276,10 @@ class JmixEndpoint(HttpEndpoint):
             raise UnsupportedMediaType("Upload a JMIX package as application/zip")
         store = self.store
         await store.ready
-        work = os.path.join(self.store_root, ".upload", uuid.uuid4().hex)
         pool = self._reactor.getThreadPool()
+        # Locked while in use: no worker's clean-up removes it.
+        area = await threads.deferToThreadPool(self._reactor, pool, store.open_work_area, "upload")
+        work = area.path
         try:
             os.makedirs(os.path.join(work, "x"), exist_ok=True)
             zip_path = os.path.join(work, "upload.zip")
@@ -304,7 +297,7 @@ class JmixEndpoint(HttpEndpoint):
             info = await threads.deferToThreadPool(self._reactor, pool, _place, root, zip_path, store, package_id)
             await store.add(info)
         finally:
-            await threads.deferToThreadPool(self._reactor, pool, shutil.rmtree, work, True)
+            await threads.deferToThreadPool(self._reactor, pool, area.remove)
         return ResponseEnvelope.json(201, {"id": package_id, "status": "stored"})
 
 
@@ -370,7 +363,14 @@ def _place(root, zip_path, store, package_id):
     target = store.zip_for(package_id)
     if os.path.exists(directory) or os.path.exists(target):
         raise Conflict(f"Package {package_id} exists already")  # another upload won the race
-    os.replace(root, directory)
+    try:
+        # Fails when another upload (another thread or worker) moved its
+        # directory in since the check: the first one moved in wins.
+        os.replace(root, directory)
+    except OSError:
+        if os.path.isdir(directory):
+            raise Conflict(f"Package {package_id} exists already") from None
+        raise
     os.replace(zip_path, target)
     with open(os.path.join(directory, "payload", "metadata.json"), encoding="utf-8") as f:
         metadata = json.load(f)

@@ -7,7 +7,11 @@ Layout under the root::
     <root>/index.sqlite3        the index (WAL mode; plus its -wal and -shm files)
     <root>/<id>/                an unpacked package (manifest.json, audit.json, payload/)
     <root>/<id>.zip             the same package as served
-    <root>/.<anything>          work areas of other code (staging, uploads): never touched here
+    <root>/.locks/<h>.lock      one study's build lock (h: the first 32 hex digits of the
+                                SHA-256 of its Study Instance UID; no UID in a path)
+    <root>/.staging/<n>/        work areas (L{PackageStore.open_work_area}): a build's
+    <root>/.upload/<n>/         instances, an upload being checked; each with <n>.lock
+                                next to it, locked while the area is in use
 
 An id is a canonical lower-case UUID (8-4-4-4-12 hex digits), checked by
 every method that takes one, so no path outside the root can be named.
@@ -46,7 +50,10 @@ still serialized, though possibly on different threads: the connection is
 opened with C{check_same_thread=False}, which sqlite allows when calls never
 overlap, and the queue guarantees that.  Cancelling a returned Deferred
 does not stop its job (a job half done by a cancel would leave files and
-index out of step); the caller just stops waiting.
+index out of step); the caller just stops waiting.  One exception: when a
+build ends, its build lock is released at once on the reactor thread (an
+C{unlink} and a C{close} of an empty file, which never wait), so that it is
+released on every path, even after L{PackageStore.stop}.
 
 Retention: L{PackageStore.prune} removes packages older than C{ttl_secs}
 (when set), then, while the total size exceeds C{max_bytes} (when set), the
@@ -56,16 +63,37 @@ L{PackageStore.add}.
 
 One build per study: L{PackageStore.build_once} runs a build unless one for
 the same study is running, in which case the caller waits for that one and
-gets its result or its failure (in this process: the store of a directory
-is shared by the endpoint and middleware of a process).
+gets its result or its failure.  In a process, the store of a directory is
+shared by its endpoint and middleware and the callers of one study share
+one build.  Across processes (C{[proxy] workers}: every worker has its own
+store on the same directory) the process that builds holds the study's
+build lock (an exclusive C{flock} of C{.locks/<h>.lock}); another process
+does not build but waits for that lock, then answers with the study's
+newest package -- or, when none appeared (that build failed, or its process
+died: the kernel releases a dead process's locks), builds itself.
+
+Several processes: every file lock here is an C{flock}, which belongs to an
+open file description (two C{open}s conflict even in one process) and is
+released by the kernel when its process dies.  A lock file is removed only
+by whoever holds its lock, and a lock is held only once its file is checked
+to be still the one at its path, so removing lock files is safe.  The
+sqlite index is shared through WAL mode; a write waits for another
+process's write (the connection's busy timeout) and every transaction
+starts with its write, so it never fails on a stale snapshot.  Nothing of
+the index is cached in a process.  Work areas whose lock can be taken
+(their process ended) are removed when the store starts and when it
+prunes; those in use by any process are left alone.
 """
 
 import dataclasses
+import fcntl
+import hashlib
 import os
 import re
 import shutil
 import sqlite3
 import time
+import uuid
 from collections import deque
 
 from twisted.internet import defer
@@ -81,6 +109,14 @@ _ZIP_NAME = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 
 INDEX_NAME = "index.sqlite3"
 DIR_MODE = 0o750
+#: Build locks, one file per study being built.
+LOCKS_DIR = ".locks"
+#: Work areas: C{kind} -> directory (L{PackageStore.open_work_area}).
+WORK_AREAS = {"staging": ".staging", "upload": ".upload"}
+#: How often a process waiting for another process's build tries its lock.
+BUILD_POLL_SECS = 0.2
+#: How long a write waits for another connection's (another worker's).
+BUSY_TIMEOUT_SECS = 30.0
 #: Orphans (files without an index row) younger than this are left alone.
 DEFAULT_ORPHAN_GRACE_SECS = 3600.0
 
@@ -125,6 +161,106 @@ class PackageRecord:
     payload_hash: object
     zip_path: str
     directory: str
+
+
+def try_lock(path):
+    """
+    Take the exclusive C{flock} of the lock file C{path} (created if
+    missing) without waiting.
+
+    Lock files may be removed by whoever holds their lock (L{release}):
+    after taking the lock of a file that was removed meanwhile (perhaps
+    re-created by another process), it tries again with the file now there.
+
+    @return: the open file descriptor holding the lock, or C{None} when
+        another open file (of any process, or of this one) holds it.
+    @raise OSError: the file cannot be opened (its directory is missing...).
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            held, current = os.fstat(fd), os.stat(path)
+        except FileNotFoundError:
+            current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+            return fd
+        os.close(fd)  # removed by its last holder after we opened it: again
+
+
+def release(fd, path):
+    """
+    Remove the lock file C{path} whose lock C{fd} holds (see L{try_lock}),
+    then release the lock.  Never raises for a file already gone.
+    """
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class WorkArea:
+    """
+    A private directory in the store (L{PackageStore.open_work_area}),
+    locked while in use so that no process's clean-up removes it.
+
+    @ivar path: the directory.
+    """
+
+    def __init__(self, path, lock_fd):
+        self.path = path
+        self._lock_fd = lock_fd
+
+    def remove(self):
+        """
+        Remove the directory and what is in it, then its lock.  Idempotent.
+        Blocking: call it in a thread.
+        """
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            release(fd, self.path + ".lock")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.remove()
+
+
+class _Build:
+    """
+    The callers in this process waiting for one study's package.
+
+    @ivar callers: C{[waiter, build]} of the callers still waiting, in
+        the order they came; the build that runs is the first one's.
+    @ivar started: a build of this process runs (it holds C{lock}).
+    @ivar lock: the descriptor holding the study's build lock, or C{None}.
+    @ivar poll: the delayed call of the next try of the lock, or C{None}.
+    """
+
+    def __init__(self, study_uid, lock_path):
+        self.study_uid = study_uid
+        self.lock_path = lock_path
+        self.callers = []
+        self.started = False
+        self.lock = None
+        self.poll = None
 
 
 class _WallClock:
@@ -234,7 +370,8 @@ class PackageStore:
     def start(self):
         """
         Start the thread pool (when the store owns it), create the root and
-        open (or create) the index.
+        open (or create) the index, then remove the work areas and lock
+        files that crashed processes left (not those in use).
 
         @return: Deferred firing when the index is open.
         """
@@ -384,8 +521,9 @@ class PackageStore:
         """
         Apply retention and clean up after crashes: remove damaged
         packages, packages older than C{ttl_secs}, the oldest while the
-        total size exceeds C{max_bytes} (never the last one), and orphans
-        older than C{orphan_grace_secs}.
+        total size exceeds C{max_bytes} (never the last one), orphans
+        older than C{orphan_grace_secs}, and the work areas and build lock
+        files no process holds.
 
         @return: Deferred[list of the ids removed], in removal order.
         """
@@ -402,53 +540,163 @@ class PackageStore:
 
     def build_once(self, study_uid, build):
         """
-        Run C{build} unless a build of the same study is running; either
-        way, the result (or failure) of the build that runs.
+        The study's package, built by C{build} unless a build of the same
+        study is running (here or in another process sharing the store
+        directory); either way, the outcome of the build that runs.
 
-        Each caller gets its own Deferred: cancelling it stops only that
-        caller's wait, never the build.  A build's result is shared by
-        the callers that came while it ran; one asked for after it ended
-        runs a new build.
+        In this process, each caller gets its own Deferred: cancelling it
+        stops only that caller's wait, never a build that has started.  A
+        build's result is shared by the callers that came while it ran; one
+        asked for after it ended starts again.
+
+        Before building, this process takes the study's build lock (in the
+        store's job queue).  When another process holds it, nothing is built
+        here: the lock is tried again every L{BUILD_POLL_SECS} (on the
+        reactor's clock) until it is free.  Once this process has the lock,
+        the index is looked at: when it holds a package of the study (the
+        other process's build, or one added since the caller looked), the
+        callers get that L{PackageRecord} and C{build} is never called;
+        otherwise the build of the first caller still waiting runs, holding
+        the lock until it ends (whatever the end).  When every caller has
+        stopped waiting before a build started, nothing is built.  So this
+        is for building what the store lacks, and C{build} should answer
+        with the L{PackageRecord} it added, as the waiters of other
+        processes get one.
+
+        The store must be started (the lock is tried in its job queue).
 
         @param build: a callable without arguments returning a Deferred
             (or a value, or raising).
-        @return: Deferred of the build's result.
+        @return: Deferred of the build's result, or of the study's newest
+            L{PackageRecord} built by another process.
         """
-        waiters = self._building.get(study_uid)
-        starting = waiters is None
-        if starting:
-            waiters = self._building[study_uid] = []
+        group = self._building.get(study_uid)
+        first = group is None
+        if first:
+            group = self._building[study_uid] = _Build(study_uid, self.lock_for(study_uid))
+        caller = [None, build]
 
         def forget(waiter):
-            if waiter in waiters:
-                waiters.remove(waiter)
+            group.callers[:] = [other for other in group.callers if other is not caller]
+            if not group.callers and not group.started:
+                self._abandon(group)
 
-        waiter = defer.Deferred(forget)
-        # Joined before the build starts: a build may finish synchronously.
-        waiters.append(waiter)
-        if starting:
-            defer.maybeDeferred(build).addBoth(self._built, study_uid, waiters)
-        return waiter
+        caller[0] = defer.Deferred(forget)
+        group.callers.append(caller)
+        if first:
+            self._try_build_lock(group)
+        return caller[0]
 
-    def _built(self, result, study_uid, waiters):
-        if self._building.get(study_uid) is waiters:
-            del self._building[study_uid]
+    def lock_for(self, study_uid):
+        """
+        @return: the path of a study's build lock file (named by a hash:
+            no UID in a path).
+        """
+        digest = hashlib.sha256(str(study_uid).encode("utf-8")).hexdigest()[:32]
+        return os.path.join(self.root, LOCKS_DIR, digest + ".lock")
+
+    def _current(self, group):
+        return self._building.get(group.study_uid) is group
+
+    def _try_build_lock(self, group):
+        group.poll = None
+        d = self._run(self._lock_or_find, group.lock_path, group.study_uid)
+        d.addCallback(self._lock_tried, group).addErrback(self._lock_failed, group)
+
+    def _lock_tried(self, outcome, group):
+        fd, record = outcome
+        if not self._current(group) or not group.callers:
+            # Nobody is waiting any more.
+            if fd is not None:
+                release(fd, group.lock_path)
+            return
+        if record is not None:
+            self._settle(group, record)
+        elif fd is None:
+            # Another process builds it: try again in a while.
+            group.poll = self._get_reactor().callLater(BUILD_POLL_SECS, self._try_build_lock, group)
+        else:
+            group.lock = fd
+            group.started = True
+            build = group.callers[0][1]
+            defer.maybeDeferred(build).addBoth(self._built, group)
+
+    def _lock_failed(self, failure, group):
+        if self._current(group):
+            self._settle(group, failure)
+
+    def _abandon(self, group):
+        if group.poll is not None and group.poll.active():
+            group.poll.cancel()
+        group.poll = None
+        if self._current(group):
+            del self._building[group.study_uid]
+        # A try of the lock still in the queue releases it when it ends.
+
+    def _built(self, result, group):
+        fd, group.lock = group.lock, None
+        if fd is not None:
+            release(fd, group.lock_path)
+        self._settle(group, result)
+        return None
+
+    def _settle(self, group, result):
+        if self._current(group):
+            del self._building[group.study_uid]
+        waiters = [waiter for waiter, _ in group.callers]
+        del group.callers[:]
         if isinstance(result, Failure) and not waiters:
             log.failure("a JMIX package build failed with nobody waiting", result)
-        for waiter in list(waiters):
+        for waiter in waiters:
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
                 waiter.callback(result)
-        return None
+
+    # -- work areas ---------------------------------------------------------------
+
+    def open_work_area(self, kind):
+        """
+        A new private directory under the store for C{kind} of work
+        (C{"staging"}: a build's instances; C{"upload"}: an upload being
+        checked), locked until L{WorkArea.remove}; the store's clean-up
+        (at start and in L{prune}, in any process) leaves it alone while it
+        is locked and removes it once its process is gone.  Blocking: call
+        it in a thread.
+
+        @return: a L{WorkArea}.
+        """
+        base = os.path.join(self.root, WORK_AREAS[kind])
+        os.makedirs(base, 0o700, exist_ok=True)
+        while True:
+            path = os.path.join(base, uuid.uuid4().hex)
+            fd = try_lock(path + ".lock")
+            if fd is not None:
+                break
+        try:
+            os.mkdir(path, 0o700)
+        except BaseException:
+            release(fd, path + ".lock")
+            raise
+        return WorkArea(path, fd)
 
     # -- in the thread ------------------------------------------------------------
 
     def _open(self):
-        os.makedirs(self.root, DIR_MODE, exist_ok=True)
-        conn = sqlite3.connect(self.index_path, check_same_thread=False, timeout=30)
+        os.makedirs(os.path.join(self.root, LOCKS_DIR), DIR_MODE, exist_ok=True)
+        conn = sqlite3.connect(self.index_path, check_same_thread=False, timeout=BUSY_TIMEOUT_SECS)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching a new index to WAL does not wait for the busy
+            # timeout when another worker is opening it too: try again.
+            deadline = time.monotonic() + BUSY_TIMEOUT_SECS
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             conn.execute("PRAGMA synchronous=NORMAL")
             with conn:
                 for statement in _SCHEMA:
@@ -457,6 +705,8 @@ class PackageStore:
             conn.close()
             raise
         self._conn = conn
+        # What crashed processes left (those still in use are locked).
+        self._remove_work_leftovers()
 
     def _close_index(self):
         conn, self._conn = self._conn, None
@@ -504,6 +754,77 @@ class PackageStore:
     def _exists(self, package_id):
         row = self._db().execute("SELECT 1 FROM packages WHERE id = ?", (package_id,)).fetchone()
         return row is not None or os.path.lexists(self.dir_for(package_id)) or os.path.lexists(self.zip_for(package_id))
+
+    def _lock_or_find(self, lock_path, study_uid):
+        """
+        Try a study's build lock; with it, look for a package of the study.
+
+        @return: C{(None, None)}: another process holds the lock;
+            C{(None, record)}: the study has a package (the lock is
+            released again); C{(fd, None)}: this process holds the lock
+            and the study has no package.
+        """
+        try:
+            fd = try_lock(lock_path)
+        except FileNotFoundError:  # the locks directory went away
+            os.makedirs(os.path.dirname(lock_path), DIR_MODE, exist_ok=True)
+            fd = try_lock(lock_path)
+        if fd is None:
+            return None, None
+        try:
+            found = self._for_study(study_uid, 1)
+        except BaseException:
+            release(fd, lock_path)
+            raise
+        if found:
+            release(fd, lock_path)
+            return None, found[0]
+        return fd, None
+
+    def _remove_work_leftovers(self):
+        """
+        Remove the work areas and build lock files no process uses (their
+        lock can be taken): what crashed processes left.
+        """
+        for directory in WORK_AREAS.values():
+            base = os.path.join(self.root, directory)
+            try:
+                names = os.listdir(base)
+            except FileNotFoundError:
+                continue
+            for stem in sorted({name[: -len(".lock")] if name.endswith(".lock") else name for name in names}):
+                lock_path = os.path.join(base, stem + ".lock")
+                try:
+                    fd = try_lock(lock_path)
+                except OSError as e:
+                    log.warn("JMIX store: cannot check a work area ({error})", error=e.strerror)
+                    continue
+                if fd is None:
+                    continue  # in use
+                try:
+                    path = os.path.join(base, stem)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    elif os.path.lexists(path):
+                        os.unlink(path)
+                except OSError as e:
+                    log.warn("JMIX store: cannot remove a work area ({error})", error=e.strerror)
+                finally:
+                    release(fd, lock_path)
+        locks = os.path.join(self.root, LOCKS_DIR)
+        try:
+            names = os.listdir(locks)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.endswith(".lock"):
+                lock_path = os.path.join(locks, name)
+                try:
+                    fd = try_lock(lock_path)
+                except OSError:
+                    continue
+                if fd is not None:
+                    release(fd, lock_path)
 
     def _for_study(self, study_uid, limit):
         found = []
@@ -561,6 +882,7 @@ class PackageStore:
                 total -= record.size or 0
         indexed = {record.id for record in kept}
         removed += self._remove_orphans(indexed)
+        self._remove_work_leftovers()
         if removed:
             log.info("JMIX package store pruned: {count} removed", count=len(removed))
         return removed

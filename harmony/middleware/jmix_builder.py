@@ -9,7 +9,10 @@ endpoint's query route (C{GET api/jmix?studyInstanceUid=UID}):
      not asked);
   2. else, when another request is building that study's package, this one
      waits for it and gets the same package (one build per study at a
-     time, L{harmony.jmix.store.PackageStore.build_once});
+     time, L{harmony.jmix.store.PackageStore.build_once}; with several
+     worker processes, also when the other request is in another worker:
+     this one waits for that worker's build lock, then answers with the
+     package it stored, or builds when that build failed);
   3. else this request builds it: the backend retrieves the study (C-GET or
      C-MOVE per its C{dimse_retrieve_mode}); each instance, as it arrives,
      is linked (or copied) out of the retrieve's spool into a staging area
@@ -27,10 +30,10 @@ C{security.classification}).
 
 import os
 import shutil
-import uuid
 import weakref
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from harmony.config.schema import Field, Schema, Str
@@ -51,6 +54,10 @@ OPTIONS = Schema(
         "classification": Field(Str(), "", "manifest security.classification"),
     }
 )
+
+
+#: What C{start} hands over when a request is the one that builds.
+_LEADER = object()
 
 
 class _Build:
@@ -104,22 +111,40 @@ class JmixBuilder:
         client = envelope.details.client[0] if envelope.details.client else None
         who = meta.get("auth.user") or client or "unknown"
         build.requester = (who, who)
-        leader = []
+        # Whether this request builds is known when the store calls start
+        # (at once, or later: once the study's build lock was taken, perhaps
+        # after another worker's build failed) or when the outcome comes
+        # without it (another request's build, here or in another worker).
+        decided = defer.Deferred()
 
         def start():
-            leader.append(True)
+            if not decided.called:
+                decided.callback(_LEADER)
             return build.done
 
+        def settled(result):
+            if not decided.called:
+                if isinstance(result, Failure):
+                    decided.errback(result)
+                else:
+                    decided.callback(result)
+            # This request's own build: failures reach the waiters through
+            # build.done and its own response.
+            return None
+
         outcome = store.build_once(study, start)
-        if not leader:
-            # Another request is building it: its package (or its error).
-            try:
-                record = await outcome
-            except Exception as e:
-                raise as_harmony_error(e)
+        outcome.addBoth(settled)
+        try:
+            record = await decided
+        except defer.CancelledError:
+            outcome.cancel()  # no longer waiting: start will not be called
+            raise
+        except Exception as e:
+            raise as_harmony_error(e)
+        if record is not _LEADER:
+            # Another request built it (here or in another worker).
             return zip_response(record)
         # This request builds: the backend retrieves the study.
-        outcome.addErrback(lambda f: None)  # failures reach the waiters through build.done
         from pydicom.dataset import Dataset
 
         identifier = Dataset()
@@ -170,11 +195,12 @@ class JmixBuilder:
         from harmony.jmix.package import Party, build_package
 
         store = build.store
-        staging = os.path.join(store.root, ".staging", uuid.uuid4().hex)
         pool = self._reactor.getThreadPool()
+        # Locked while in use: no worker's clean-up removes it.
+        area = await threads.deferToThreadPool(self._reactor, pool, store.open_work_area, "staging")
+        staging = area.path
         files = []
         try:
-            await threads.deferToThreadPool(self._reactor, pool, os.makedirs, staging, 0o700, True)
             while True:
                 instance = await result.instances.read()
                 if instance is EOF:
@@ -206,7 +232,7 @@ class JmixBuilder:
             log.info("JMIX package built: {count} instances", count=info.instance_count)
             return record
         finally:
-            await threads.deferToThreadPool(self._reactor, pool, shutil.rmtree, staging, True)
+            await threads.deferToThreadPool(self._reactor, pool, area.remove)
 
 
 def _link_or_copy(source, target):

@@ -247,3 +247,52 @@ dimse_retrieve_mode = "move"
     assert "harmony: configuration error" in result.stderr
     assert "pipelines.retrieve.backends[0]" in result.stderr or "pipelines.retrieve.backends" in result.stderr
     assert 'use dimse_retrieve_mode = "get" or workers = 1' in result.stderr
+
+
+RATE_LIMITED = """
+[pipelines.echo]
+networks = ["default"]
+endpoints = ["echo_in"]
+backends = ["echo_out"]
+middleware = ["limit"]
+[endpoints.echo_in]
+service = "http"
+[endpoints.echo_in.options]
+path_prefix = "/v1"
+[backends.echo_out]
+service = "echo"
+[middleware.limit]
+type = "rate_limit"
+[middleware.limit.options]
+key = "global"
+rate = 0.001
+burst = 10
+"""
+
+
+def test_rate_limit_budget_is_shared_by_the_workers(tmp_path):
+    port = free_port()
+    base = base_config(port).replace('log_level = "info"', 'log_level = "info"\nworkers = 2\nshutdown_grace_secs = 5')
+    config = write_config(tmp_path, base, {"echo": RATE_LIMITED})
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    proc = start_harmony(tmp_path, config, port, env={"RUNTIME_DIRECTORY": str(runtime)})
+    conns = []
+    try:
+        wait_for(lambda: "Worker 1 serving" in proc.output(), what="worker 1")
+        primary = proc.popen.pid
+        [worker] = children(primary)
+        statuses = []
+        for _ in range(24):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conns.append(conn)
+            statuses.append(request(port, "GET", "/v1/x", connection=conn).status)
+        # Both processes answered, and together they let the burst through once.
+        assert set(connection_owners([primary, worker], port).values()) == {primary, worker}
+        assert statuses.count(200) == 10 and statuses.count(429) == 14
+        [shared] = list(runtime.iterdir())
+        assert [p.name for p in shared.iterdir() if p.name.startswith("ratelimit-")] == ["ratelimit-limit.echo.bin"]
+    finally:
+        for conn in conns:
+            conn.close()
+        proc.stop_cleanly()

@@ -101,10 +101,25 @@ def test_upload_needs_a_zip(tmp_path):
 
 
 def test_work_areas_left_by_a_crash_are_cleared(tmp_path):
+    from _deferreds import result_of
+    from test_jmix_store import FakeReactor
+
+    from _fakes import FakeThreadPool
+    from harmony.jmix.store import PackageStore
+
     root = tmp_path / "store"
     for area in (".staging/abc", ".upload/def/x"):
         (root / area).mkdir(parents=True)
         (root / area / "part.dcm").write_bytes(b"left behind")
     (root / "keep.txt").write_text("not a work area")
-    jmix._clear_work_areas(str(root))
-    assert sorted(os.listdir(root)) == ["keep.txt"]
+    # Another worker's upload under way: locked, so left alone.
+    other = PackageStore(root).open_work_area("upload")
+    store = PackageStore(root, reactor=FakeReactor(), threadpool=FakeThreadPool())
+    result_of(store.start())
+    assert sorted(os.listdir(root / ".staging")) == []
+    assert sorted(os.listdir(root / ".upload")) == sorted([os.path.basename(other.path),
+                                                           os.path.basename(other.path) + ".lock"])
+    assert (root / "keep.txt").exists()
+    other.remove()
+    assert os.listdir(root / ".upload") == []
+    result_of(store.stop())

@@ -5,10 +5,14 @@ C{task.Clock} with C{callFromThread} and a synchronous fake thread pool
 drive C{deferToThreadPool}, plus one test each with real thread pools).
 """
 
+import fcntl
 import os
 import queue
 import shutil
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -22,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 
 from _fakes import FakeThreadPool
 from harmony.errors import Conflict
+from harmony.jmix import store as store_module
 from harmony.jmix.store import INDEX_NAME, PackageRecord, PackageStore, check_id
 
 # -- fakes -------------------------------------------------------------------
@@ -472,7 +477,9 @@ def test_prune_cleans_old_orphans_and_spares_young_ones(store):
     os.makedirs(os.path.join(store.dir_for(crashed), "payload", "dicom"))
     lone_zip = new_id()
     open(store.zip_for(lone_zip), "wb").close()
-    # ... other code's work areas, never touched ...
+    # ... a work area in use (locked: never touched) and one a crashed
+    # process left (unlocked) ...
+    in_use = store.open_work_area("staging")
     os.makedirs(os.path.join(store.root, ".staging", "x"))
     # ... and a build under way, changed "just now" on the store's clock.
     later(store, 2 * 3600)
@@ -486,8 +493,10 @@ def test_prune_cleans_old_orphans_and_spares_young_ones(store):
     assert not os.path.exists(store.dir_for(crashed))
     assert not os.path.exists(store.zip_for(lone_zip))
     assert os.path.isdir(store.dir_for(in_progress))
-    assert os.path.isdir(os.path.join(store.root, ".staging", "x"))
+    assert os.path.isdir(in_use.path)
+    assert not os.path.exists(os.path.join(store.root, ".staging", "x"))
     assert os.path.exists(store.index_path)
+    in_use.remove()
     assert result_of(store.get(kept)) is not None
 
 
@@ -650,3 +659,542 @@ def test_shared_pool_jobs_never_overlap(tmp_path, monkeypatch):
         assert not reactor.triggers
     finally:
         pool.stop()
+
+
+# -- several processes ---------------------------------------------------------
+#
+# flock locks belong to an open file description: two open()s conflict even
+# in one process, so two stores on one directory in this process behave as
+# two worker processes do (checked first).  Then real second processes.
+
+
+STUDY = "1.2.840.99.1"
+
+
+def test_flock_of_two_opens_conflict_in_one_process(tmp_path):
+    path = str(tmp_path / "x.lock")
+    first = store_module.try_lock(path)
+    assert first is not None
+    assert store_module.try_lock(path) is None
+    other = os.open(path, os.O_RDWR)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(other)
+    store_module.release(first, path)
+    assert not os.path.exists(path)
+    again = store_module.try_lock(path)
+    assert again is not None
+    store_module.release(again, path)
+
+
+def test_try_lock_skips_a_lock_file_removed_meanwhile(tmp_path, monkeypatch):
+    """
+    A lock taken on a file its last holder removed (and another process
+    re-created and locked) is not held: try_lock checks the file at the path.
+    """
+    path = str(tmp_path / "x.lock")
+    stale = os.open(path, os.O_RDWR | os.O_CREAT)  # opened, then removed by its holder
+    os.unlink(path)
+    holder = store_module.try_lock(path)  # a new file at the path, locked
+    real_open = os.open
+    opened = []
+
+    def open_stale_first(p, flags, mode=0o777):
+        if not opened:
+            opened.append(p)
+            return os.dup(stale)
+        return real_open(p, flags, mode)
+
+    monkeypatch.setattr(store_module.os, "open", open_stale_first)
+    # The stale file's lock is free, but it is not the file at the path.
+    assert store_module.try_lock(path) is None
+    store_module.release(holder, path)
+    fd = store_module.try_lock(path)
+    assert fd is not None
+    store_module.release(fd, path)
+    os.close(stale)
+
+
+def two_stores(tmp_path):
+    """
+    Two stores on one directory, each with its own clock (two workers).
+    """
+    a = make_store(tmp_path, reactor=FakeReactor())
+    b = make_store(tmp_path, reactor=FakeReactor())
+    return a, b
+
+
+def building(store, study=STUDY):
+    """
+    A build on C{store} that the test ends: C{(waiter, calls, finish)};
+    C{finish()} adds a package and answers with its record,
+    C{finish(error)} fails.
+    """
+    calls = []
+    done = defer.Deferred()
+
+    def build():
+        calls.append(1)
+        return done
+
+    waiter = store.build_once(study, build)
+
+    def finish(error=None):
+        if error is not None:
+            done.errback(error)
+            return None
+        package_id = place(store)
+        record = result_of(store.add(info(package_id, study=study)))
+        done.callback(record)
+        return record
+
+    return waiter, calls, finish
+
+
+def test_build_once_across_stores_one_build_same_package(tmp_path):
+    a, b = two_stores(tmp_path)
+    a_waiter, a_calls, a_finish = building(a)
+    assert a_calls == [1]
+    lock = a.lock_for(STUDY)
+    # Named by a hash: no UID in a path.
+    assert os.path.dirname(lock) == os.path.join(a.root, ".locks")
+    assert STUDY not in lock and len(os.path.basename(lock)) == 32 + len(".lock")
+    assert os.path.exists(lock)
+    b_waiter, b_calls, _ = building(b)
+    b_joined = b.build_once(STUDY, lambda: pytest.fail("a second build in b"))
+    # b waits for a's lock, trying it again and again, and never builds.
+    for _ in range(5):
+        b._reactor.advance(store_module.BUILD_POLL_SECS)
+    assert b_calls == [] and not has_fired(b_waiter) and not has_fired(b_joined)
+    assert len(b._reactor.getDelayedCalls()) == 1
+    record = a_finish()
+    assert result_of(a_waiter) == record
+    assert not os.path.exists(lock)  # released and removed
+    b._reactor.advance(store_module.BUILD_POLL_SECS)
+    got = result_of(b_waiter)
+    assert isinstance(got, PackageRecord)
+    assert (got.id, got.zip_path, got.study_uid) == (record.id, record.zip_path, STUDY)
+    assert result_of(b_joined) == got
+    assert b_calls == [] and not b._reactor.getDelayedCalls()
+    assert not os.path.exists(lock)
+
+
+def test_build_once_across_stores_failure_then_the_other_builds(tmp_path):
+    a, b = two_stores(tmp_path)
+    a_waiter, _, a_finish = building(a)
+    b_waiter, b_calls, b_finish = building(b)
+    b._reactor.advance(store_module.BUILD_POLL_SECS)
+    assert b_calls == []
+    a_finish(Conflict("the PACS failed"))
+    failure_of(a_waiter, Conflict)
+    b._reactor.advance(store_module.BUILD_POLL_SECS)
+    # Nothing appeared: b builds, holding the lock now.
+    assert b_calls == [1]
+    assert store_module.try_lock(b.lock_for(STUDY)) is None
+    # Meanwhile a's next caller waits for b's build.
+    a_again, a_calls, _ = building(a)
+    a._reactor.advance(store_module.BUILD_POLL_SECS)
+    assert a_calls == [] and not has_fired(a_again)
+    record = b_finish()
+    assert result_of(b_waiter) == record
+    a._reactor.advance(store_module.BUILD_POLL_SECS)
+    assert result_of(a_again).id == record.id
+    assert a_calls == []
+
+
+def test_build_once_answers_a_package_that_is_there(tmp_path):
+    """
+    With the lock taken, a package of the study already in the index (added
+    by another worker since the caller looked) is the answer: no build.
+    """
+    a, b = two_stores(tmp_path)
+    package_id = add(a, study=STUDY)
+    got = result_of(b.build_once(STUDY, lambda: pytest.fail("built again")))
+    assert got.id == package_id
+    assert not os.path.exists(b.lock_for(STUDY))
+
+
+def test_build_once_lock_released_on_every_end(store):
+    lock = store.lock_for(STUDY)
+    for end in ("value", "failure", "raise", "cancelled waiter"):
+        done = defer.Deferred()
+
+        def build():
+            if end == "raise":
+                raise ValueError("no")
+            return done
+
+        waiter = store.build_once(STUDY, build)
+        if end == "raise":
+            failure_of(waiter, ValueError)
+        else:
+            assert store_module.try_lock(lock) is None  # held while it builds
+            if end == "cancelled waiter":
+                waiter.cancel()
+                failure_of(waiter, defer.CancelledError)
+                # The build goes on, holding the lock, with nobody waiting.
+                assert store_module.try_lock(lock) is None
+            if end == "failure":
+                done.errback(ValueError("no"))
+                failure_of(waiter, ValueError)
+            else:
+                done.callback("ok")
+                if end == "value":
+                    assert result_of(waiter) == "ok"
+        fd = store_module.try_lock(lock)
+        assert fd is not None, end
+        store_module.release(fd, lock)
+        assert not store._building
+
+
+def test_cancelling_every_waiter_stops_waiting_for_another_process(tmp_path):
+    a, b = two_stores(tmp_path)
+    a_waiter, _, a_finish = building(a)
+    first = b.build_once(STUDY, lambda: pytest.fail("b built"))
+    second = b.build_once(STUDY, lambda: pytest.fail("b built"))
+    b._reactor.advance(store_module.BUILD_POLL_SECS)
+    first.cancel()
+    assert b._reactor.getDelayedCalls()  # the second still waits
+    second.cancel()
+    failure_of(first, defer.CancelledError)
+    failure_of(second, defer.CancelledError)
+    assert not b._reactor.getDelayedCalls() and not b._building
+    # a's failure does not make b build: nobody there waits any more.
+    a_finish(Conflict("failed"))
+    failure_of(a_waiter, Conflict)
+    b._reactor.advance(10)
+    fd = store_module.try_lock(a.lock_for(STUDY))
+    assert fd is not None
+    store_module.release(fd, a.lock_for(STUDY))
+
+
+class ManualPool:
+    """
+    A thread pool whose jobs run when the test says (L{run_next}).
+    """
+
+    def __init__(self):
+        self.jobs = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.jobs.append((on_result, f, args, kwargs))
+
+    def run_next(self):
+        on_result, f, args, kwargs = self.jobs.pop(0)
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            from twisted.python.failure import Failure
+
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+def test_cancelled_before_the_lock_try_ran_releases_it(tmp_path):
+    pool = ManualPool()
+    store = PackageStore(tmp_path / "jmix", reactor=FakeReactor(), threadpool=pool)
+    started = store.start()
+    pool.run_next()
+    result_of(started)
+    waiter = store.build_once(STUDY, lambda: pytest.fail("built for nobody"))
+    assert len(pool.jobs) == 1  # the try of the lock is queued
+    waiter.cancel()
+    failure_of(waiter, defer.CancelledError)
+    pool.run_next()  # takes the lock; nobody waits: released at once
+    fd = store_module.try_lock(store.lock_for(STUDY))
+    assert fd is not None
+    store_module.release(fd, store.lock_for(STUDY))
+    # A new caller after that builds normally.
+    again = store.build_once(STUDY, lambda: "built")
+    pool.run_next()
+    assert result_of(again) == "built"
+
+
+def test_build_once_needs_a_started_store(tmp_path, reactor):
+    store = PackageStore(tmp_path / "jmix", reactor=reactor, threadpool=FakeThreadPool())
+    failure_of(store.build_once(STUDY, lambda: pytest.fail("built")), RuntimeError)
+    assert not store._building
+
+
+def test_index_written_by_one_store_is_seen_by_the_other(tmp_path):
+    a, b = two_stores(tmp_path)
+    first = add(a, study=STUDY)
+    assert result_of(b.newest_for_study(STUDY)).id == first
+    second = add(b, study=STUDY)
+    assert [r.id for r in result_of(a.list_for_study(STUDY))] == [second, first]
+    assert result_of(a.remove(second)) is True
+    assert result_of(b.get(second)) is None
+
+
+def test_a_write_waits_for_another_writer(store):
+    """
+    SQLITE_BUSY: an add waits (the busy timeout) while another connection
+    (another worker) holds the write lock, then succeeds.
+    """
+    other = sqlite3.connect(store.index_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO packages (id, study_uid, created, size) VALUES ('x', 'y', 0, 0)")
+    timer = threading.Timer(0.3, other.execute, ("COMMIT",))
+    timer.start()
+    try:
+        begun = time.monotonic()
+        package_id = add(store, study=STUDY)  # the fake pool runs it here: it waits
+        assert time.monotonic() - begun >= 0.25
+    finally:
+        timer.join()
+        other.close()
+    assert result_of(store.get(package_id)).id == package_id
+
+
+def test_work_area_locked_while_in_use(tmp_path):
+    a, b = two_stores(tmp_path)
+    area = a.open_work_area("upload")
+    assert os.path.dirname(area.path) == os.path.join(a.root, ".upload")
+    assert os.path.isdir(area.path) and os.path.exists(area.path + ".lock")
+    # The other worker's clean-up (start, prune) leaves it alone ...
+    result_of(b.prune())
+    result_of(b.stop())
+    result_of(b.start())
+    assert os.path.isdir(area.path)
+    # ... until it is done.
+    area.remove()
+    area.remove()  # idempotent
+    assert os.listdir(os.path.join(a.root, ".upload")) == []
+    with pytest.raises(KeyError):
+        a.open_work_area("elsewhere")
+
+
+def test_leftover_build_locks_are_removed_held_ones_kept(tmp_path):
+    a, b = two_stores(tmp_path)
+    leftover = a.lock_for("1.2.3.4")
+    open(leftover, "w").close()  # a crashed build's lock file (unlocked)
+    waiter, _, finish = building(a)
+    result_of(b.prune())
+    assert not os.path.exists(leftover)
+    assert os.path.exists(a.lock_for(STUDY))
+    finish()
+    result_of(waiter)
+
+
+# -- real second processes -----------------------------------------------------
+
+_CHILD_PRELUDE = """
+import os, sys
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from harmony.jmix import store as store_module
+
+class Reactor(Clock):
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+class Pool:
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+def say(text):
+    sys.stdout.write(text + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def child(code, *args):
+    """
+    A second Python process running C{code} (after L{_CHILD_PRELUDE});
+    it reads its arguments from C{sys.argv} and talks over stdin/stdout.
+    """
+    source = _CHILD_PRELUDE + textwrap.dedent(code)
+    return subprocess.Popen(
+        [sys.executable, "-c", source, *map(str, args)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+
+
+def expect(proc, wanted):
+    line = proc.stdout.readline().strip()
+    assert line.startswith(wanted), line
+    return line[len(wanted):].strip()
+
+
+def test_another_process_builds_this_one_waits_and_gets_its_package(tmp_path):
+    store = make_store(tmp_path)
+    proc = child(
+        """
+        root, study = sys.argv[1], sys.argv[2]
+        store = store_module.PackageStore(root, reactor=Reactor(), threadpool=Pool())
+        store.start()
+
+        def build():
+            say("building")
+            sys.stdin.readline()  # the test says when
+            package_id = "0b0b0b0b-0000-4000-8000-000000000001"
+            os.makedirs(os.path.join(store.dir_for(package_id), "payload", "dicom"))
+            with open(store.zip_for(package_id), "wb") as f:
+                f.write(b"zip")
+
+            class Info:
+                id, study_uid, size, payload_hash = package_id, study, 3, None
+
+            return store.add(Info()).addCallback(lambda _: store.get(package_id))
+
+        out = []
+        store.build_once(study, build).addBoth(out.append)
+        say("built " + out[0].id)
+        """,
+        store.root, STUDY,
+    )
+    try:
+        expect(proc, "building")
+        waiter = store.build_once(STUDY, lambda: pytest.fail("built in both processes"))
+        store._reactor.advance(store_module.BUILD_POLL_SECS)
+        assert not has_fired(waiter)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        package_id = expect(proc, "built")
+        assert proc.wait(timeout=30) == 0
+        store._reactor.advance(store_module.BUILD_POLL_SECS)
+        got = result_of(waiter)
+        assert got.id == package_id and os.path.isfile(got.zip_path)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_process_dying_mid_build_lets_this_one_build(tmp_path):
+    store = make_store(tmp_path)
+    proc = child(
+        """
+        fd = store_module.try_lock(sys.argv[1])
+        say("locked" if fd is not None else "busy")
+        sys.stdin.readline()  # killed meanwhile
+        """,
+        store.lock_for(STUDY),
+    )
+    try:
+        expect(proc, "locked")
+        calls = []
+        waiter = store.build_once(STUDY, lambda: calls.append(1) or "built here")
+        store._reactor.advance(store_module.BUILD_POLL_SECS)
+        assert not calls and not has_fired(waiter)
+    finally:
+        proc.kill()
+        proc.wait()
+    # The kernel released the dead process's lock; no package appeared.
+    store._reactor.advance(store_module.BUILD_POLL_SECS)
+    assert result_of(waiter) == "built here"
+    assert calls == [1]
+
+
+def test_work_area_of_a_live_process_is_kept_a_dead_ones_removed(tmp_path):
+    store = make_store(tmp_path)
+    proc = child(
+        """
+        area = store_module.PackageStore(sys.argv[1]).open_work_area("staging")
+        with open(os.path.join(area.path, "0.dcm"), "wb") as f:
+            f.write(b"instance")
+        say("area " + area.path)
+        sys.stdin.readline()
+        """,
+        store.root,
+    )
+    try:
+        path = expect(proc, "area")
+        result_of(store.prune())
+        result_of(store.stop())
+        result_of(store.start())
+        assert os.path.isfile(os.path.join(path, "0.dcm"))
+    finally:
+        proc.kill()
+        proc.wait()
+    result_of(store.prune())
+    assert not os.path.exists(path) and os.listdir(os.path.join(store.root, ".staging")) == []
+
+
+def test_processes_adding_at_once_share_one_index(tmp_path):
+    """
+    Four processes open a new store directory together and add packages at
+    once: the WAL index takes every row (writers wait for each other).
+    """
+    root = str(tmp_path / "jmix")
+    code = """
+        import uuid
+        root, n = sys.argv[1], int(sys.argv[2])
+        store = store_module.PackageStore(root, reactor=Reactor(), threadpool=Pool())
+        sys.stdin.readline()  # all start together
+        out = []
+        store.start().addBoth(out.append)
+        assert out[0] is None, out[0]
+
+        class Info:
+            study_uid, size, payload_hash = "1.2.3", 3, None
+
+        for _ in range(n):
+            Info.id = str(uuid.uuid4())
+            os.makedirs(os.path.join(store.dir_for(Info.id), "payload", "dicom"))
+            with open(store.zip_for(Info.id), "wb") as f:
+                f.write(b"zip")
+            store.add(Info()).addBoth(out.append)
+            assert not isinstance(out[-1], Failure), out[-1]
+        say("added")
+        """
+    procs = [child(code, root, 10) for _ in range(4)]
+    try:
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            expect(proc, "added")
+            assert proc.wait(timeout=60) == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    store = make_store(tmp_path)
+    assert len(result_of(store.list_for_study("1.2.3"))) == 40
+
+
+def test_opening_retries_while_another_process_switches_the_index_to_wal(tmp_path, reactor, monkeypatch):
+    """
+    Workers starting together on a new directory: switching the index to
+    WAL can fail at once with "database is locked" (sqlite applies no busy
+    timeout there; seen with 8 processes opening at once): it is tried
+    again.
+    """
+    real_connect = sqlite3.connect
+    refusals = []
+
+    class Connection:
+        def __init__(self, *args, **kwargs):
+            self._conn = real_connect(*args, **kwargs)
+
+        def execute(self, sql, *args):
+            if sql == "PRAGMA journal_mode=WAL" and len(refusals) < 3:
+                refusals.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            return self._conn.execute(sql, *args)
+
+        def __enter__(self):
+            return self._conn.__enter__()
+
+        def __exit__(self, *exc_info):
+            return self._conn.__exit__(*exc_info)
+
+        def close(self):
+            self._conn.close()
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", Connection)
+    store = PackageStore(tmp_path / "jmix", reactor=reactor, threadpool=FakeThreadPool())
+    result_of(store.start())
+    assert len(refusals) == 3
+    add(store, study=STUDY)
+    assert len(result_of(store.list_for_study(STUDY))) == 1
+    conn = real_connect(store.index_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()

@@ -6,6 +6,13 @@ OperationOutcome, DICOMweb, DIMSE A700).
 """
 
 import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 
 import pytest
 from _deferreds import result_of
@@ -23,9 +30,26 @@ from harmony.envelope import DicomRequest, Headers, RequestDetails, RequestEnvel
 from harmony.errors import HarmonyError, TooManyRequests
 from harmony.interfaces import IMiddleware, IMiddlewareType
 from harmony.middleware import rate_limit
-from harmony.middleware.rate_limit import OPTIONS, RateLimit, TokenBuckets, check_key, retry_after_secs
+from harmony.middleware.rate_limit import (
+    OPTIONS,
+    RateLimit,
+    SharedTokenBuckets,
+    TokenBuckets,
+    check_key,
+    retry_after_secs,
+    table_path,
+)
 from harmony.pipeline import PipelineExecutor
 from harmony.registry import BuildContext
+from harmony.workers import SHARED_DIR_ENV
+
+
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch):
+    """
+    Harmony as one process unless a test says otherwise.
+    """
+    monkeypatch.delenv(SHARED_DIR_ENV, raising=False)
 
 
 def options(**values):
@@ -516,3 +540,301 @@ def test_middleware_type():
     assert mtype.options is OPTIONS
     mw = mtype.make("limit", options(rate=3), BuildContext(reactor=Clock()))
     assert isinstance(mw, RateLimit) and mw.buckets.burst == 3
+
+
+# -- several worker processes: the shared table --------------------------------
+
+
+def shared(tmp_path, rate=1.0, burst=3, max_keys=100, name="t.bin"):
+    return SharedTokenBuckets(tmp_path / name, rate, burst, max_keys)
+
+
+def test_shared_tables_on_one_file_share_the_budget(tmp_path):
+    a, b = shared(tmp_path), shared(tmp_path)
+    assert a.take("ip:1", 100.0) == 0.0
+    assert a.take("ip:1", 100.0) == 0.0
+    assert b.tokens("ip:1", 100.0) == pytest.approx(1.0)
+    assert b.take("ip:1", 100.0) == 0.0
+    assert a.take("ip:1", 100.0) == pytest.approx(1.0)  # a second to the next token
+    assert b.take("ip:1", 100.0) == pytest.approx(1.0)
+    # Other keys have their own buckets.
+    assert b.tokens("ip:2", 100.0) == 3.0 and "ip:2" not in a
+    assert "ip:1" in a and "ip:1" in b
+    assert len(a) == len(b) == 1
+    a.close()
+    a.close()
+    assert b.take("ip:1", 101.0) == 0.0  # the file stays for the others
+
+
+def test_shared_refill_and_clock(tmp_path):
+    t = shared(tmp_path, rate=2.0, burst=2)
+    assert t.take("k", 10.0) == 0.0 and t.take("k", 10.0) == 0.0
+    assert t.take("k", 10.0) == pytest.approx(0.5)
+    assert t.take("k", 10.5) == 0.0  # one token back
+    assert t.tokens("k", 100.0) == 2.0  # never more than burst
+    # A clock a little behind (another process read it before this one
+    # took the lock) adds nothing and moves nothing back.
+    assert t.take("k", 100.0) == 0.0
+    assert t.tokens("k", 99.5) == pytest.approx(1.0)
+    assert t.take("k", 99.5) == 0.0
+    assert t.take("k", 99.9) == pytest.approx(0.5)
+    assert t.tokens("k", 100.25) == pytest.approx(0.5)
+    # A time far ahead of now (a table that outlived a reboot): the
+    # bucket's refill starts again from now instead of never.
+    assert t.tokens("k", 5.0) == pytest.approx(0.0)
+    assert t.take("k", 5.0) == pytest.approx(0.5)
+    assert t.take("k", 5.5) == 0.0
+
+
+def test_shared_table_behaves_as_the_memory_one(tmp_path):
+    """
+    The same requests, in the same order, on both: the same answers.
+    """
+    rng = random.Random(7)
+    memory = TokenBuckets(3.0, 5, 1000)
+    table = shared(tmp_path, rate=3.0, burst=5, max_keys=1000)
+    now = 1000.0
+    keys = [f"ip:10.0.0.{n}" for n in range(40)]
+    for _ in range(5000):
+        now += rng.choice((0.0, 0.0, 0.01, 0.1, 0.5))
+        key = rng.choice(keys)
+        if rng.random() < 0.1:
+            assert table.tokens(key, now) == pytest.approx(memory.tokens(key, now))
+        assert table.take(key, now) == pytest.approx(memory.take(key, now))
+
+
+def test_shared_table_size(tmp_path):
+    assert SharedTokenBuckets.slots_for(1) == 16
+    assert SharedTokenBuckets.slots_for(12) == 16
+    assert SharedTokenBuckets.slots_for(13) == 32
+    assert SharedTokenBuckets.slots_for(100000) == 1 << 18  # 133334 wanted
+    t = shared(tmp_path, max_keys=100000)
+    t.open()
+    assert t.slots == 1 << 18
+    assert os.path.getsize(t.path) == 64 + (1 << 18) * 24
+
+
+def fixed_hashes(monkeypatch, hashes):
+    monkeypatch.setattr(SharedTokenBuckets, "key_hash", staticmethod(lambda key: hashes[key]))
+
+
+def test_shared_eviction_of_the_least_recently_used_in_the_window(tmp_path, monkeypatch):
+    # 32 slots; 17 keys whose hashes all start at slot 3, one at slot 20.
+    hashes = {f"k{n}": (n << 5) | 3 for n in range(1, 18)}
+    hashes["other"] = (1 << 5) | 20
+    fixed_hashes(monkeypatch, hashes)
+    t = shared(tmp_path, rate=0.001, burst=1, max_keys=20)
+    t.open()
+    assert t.slots == 32
+    assert t.take("other", 0.0) == 0.0
+    for n in range(1, 17):  # fill slots 3..18
+        assert t.take(f"k{n}", float(n)) == 0.0
+    assert t.take("k1", 20.0) > 0  # k1 refused, but now the most recent
+    assert t.take("k17", 21.0) == 0.0  # the window is full: replaces k2
+    assert "k2" not in t and "k1" in t and "k17" in t and "other" in t
+    assert len(t) == 17
+    assert t.take("k1", 22.0) > 0 and t.take("k17", 22.0) > 0 and t.take("other", 22.0) > 0
+    # A key dropped starts again with a full bucket (as in memory).
+    assert t.take("k2", 23.0) == 0.0
+    assert "k3" not in t
+
+
+def test_shared_keys_with_one_hash_share_a_bucket(tmp_path, monkeypatch):
+    fixed_hashes(monkeypatch, {"a": 99, "b": 99})
+    t = shared(tmp_path, rate=0.001, burst=1)
+    assert t.take("a", 0.0) == 0.0
+    assert t.take("b", 0.0) > 0
+
+
+def test_shared_key_hash():
+    h = SharedTokenBuckets.key_hash
+    assert h("ip:10.0.0.1") == h("ip:10.0.0.1") != h("ip:10.0.0.2")
+    assert 0 < h("") < 1 << 64
+    assert h("header:\udcff") != h("header:x")  # any str, even lone surrogates
+
+
+def test_shared_file_created_by_concurrent_openers(tmp_path):
+    path = tmp_path / "t.bin"
+    count = 8
+    barrier = threading.Barrier(count)
+    tables, errors = [], []
+
+    def worker():
+        try:
+            t = SharedTokenBuckets(path, 0.001, 100, 50)
+            barrier.wait()
+            t.open()  # each its own open file: flock excludes the others
+            assert t.take("global", 0.0) == 0.0
+            tables.append(t)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert {t.slots for t in tables} == {SharedTokenBuckets.slots_for(50)}
+    assert tables[0].tokens("global", 0.0) == pytest.approx(100 - count)
+
+
+def test_shared_file_existing_or_foreign(tmp_path):
+    first = shared(tmp_path, max_keys=100)
+    first.take("k", 0.0)
+    # A table that exists keeps its slot count (and its buckets).
+    bigger = shared(tmp_path, max_keys=10000)
+    bigger.open()
+    assert bigger.slots == first.slots == 256
+    assert bigger.tokens("k", 0.0) == pytest.approx(2.0)
+    # A file that is not a table is made one.
+    (tmp_path / "junk.bin").write_bytes(b"not a table" * 100)
+    junk = shared(tmp_path, name="junk.bin")
+    assert junk.take("k", 0.0) == 0.0
+    assert junk.slots == 256 and os.path.getsize(junk.path) == 64 + 256 * 24
+    assert junk.tokens("k", 0.0) == pytest.approx(2.0)
+
+
+def test_shared_should_log_is_per_process(tmp_path):
+    a, b = shared(tmp_path, max_keys=2), shared(tmp_path, max_keys=2)
+    assert a.should_log("k", 0.0) and not a.should_log("k", 30.0)
+    assert b.should_log("k", 30.0)  # another worker logs its own refusals
+    assert a.should_log("k", 60.0)
+    a.should_log("x", 61.0)
+    a.should_log("y", 61.0)  # at most max_keys remembered
+    assert a.should_log("k", 62.0)
+
+
+def test_shared_arguments(tmp_path):
+    for rate, burst, max_keys in ((0, 1, 1), (-1, 1, 1), (1, 0, 1), (1, 1, 0)):
+        with pytest.raises(ValueError):
+            SharedTokenBuckets(tmp_path / "t.bin", rate, burst, max_keys)
+    with pytest.raises(OSError):
+        SharedTokenBuckets(tmp_path / "missing" / "t.bin", 1, 1, 1).open()
+
+
+def test_shared_with_a_real_second_process(tmp_path):
+    """
+    Another process takes tokens with the monotonic clock (one clock for
+    every process of the machine): this one sees them gone.
+    """
+    path = tmp_path / "t.bin"
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from harmony.middleware.rate_limit import SharedTokenBuckets
+        table = SharedTokenBuckets(sys.argv[1], 1e-6, 10, 100)
+        taken = sum(table.take("ip:10.0.0.1", time.monotonic()) == 0.0 for _ in range(int(sys.argv[2])))
+        print(taken)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path), "7"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "7"
+    table = SharedTokenBuckets(path, 1e-6, 10, 100)
+    assert table.tokens("ip:10.0.0.1", time.monotonic()) == pytest.approx(3.0, abs=1e-3)
+    for _ in range(3):
+        assert table.take("ip:10.0.0.1", time.monotonic()) == 0.0
+    assert table.take("ip:10.0.0.1", time.monotonic()) > 0
+    # And the other way round: the next process finds nothing left.
+    out = subprocess.run([sys.executable, "-c", code, str(path), "2"], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "0", out.stderr
+
+
+def test_table_paths(tmp_path):
+    assert table_path("/run/h", "limit") == "/run/h/ratelimit-limit.bin"
+    assert table_path("/run/h", "limit", "fhir-api") == "/run/h/ratelimit-limit.fhir-api.bin"
+    odd = table_path("/run/h", "a.b/c", "p")
+    assert odd.startswith("/run/h/ratelimit-h") and odd.endswith(".p.bin") and "/c" not in odd
+    assert table_path("/run/h", "a.b", "c") != table_path("/run/h", "a", "b.c")
+    assert len(os.path.basename(table_path("/run/h", "x" * 300, "y" * 300))) < 100
+
+
+# -- several worker processes: the middleware ----------------------------------
+
+
+def test_middleware_in_one_process_keeps_buckets_in_memory(tmp_path):
+    mw = build(rate=1.0)
+    assert type(mw.buckets) is TokenBuckets and mw.shared_dir is None
+    mw.bind_pipeline(PipelineExecutor("p", [mw], [], [FakeBackend()]))
+    assert type(mw.buckets) is TokenBuckets
+    assert os.listdir(tmp_path) == []
+
+
+def test_middleware_with_workers_shares_its_buckets(tmp_path, monkeypatch):
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
+    # The same middleware built by two workers.
+    first, second = build(rate=0.001, burst=2), build(rate=0.001, burst=2)
+    for mw in (first, second):
+        assert isinstance(mw.buckets, SharedTokenBuckets) and mw.shared_dir == str(tmp_path)
+        mw.bind_pipeline(PipelineExecutor("fhir", [mw], [], [FakeBackend()]))
+        assert mw.buckets.path == str(tmp_path / "ratelimit-limit.fhir.bin")
+        assert mw._seconds is time.monotonic
+    assert passes(first, request())
+    assert passes(second, request())
+    assert refused(first, request()).retry_after > 1
+    refused(second, request())
+    assert passes(second, request("10.0.0.2"))  # per key, as in one process
+    # The same middleware in another pipeline has its own buckets.
+    other = build(rate=0.001, burst=2)
+    other.bind_pipeline(PipelineExecutor("dicomweb", [other], [], [FakeBackend()]))
+    assert passes(other, request())
+    assert sorted(os.listdir(tmp_path)) == ["ratelimit-limit.dicomweb.bin", "ratelimit-limit.fhir.bin"]
+
+
+def test_middleware_with_workers_refill_and_unbound_table(tmp_path, monkeypatch):
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
+    clock = Clock()
+    mw = build(rate=1.0, burst=1)
+    mw._seconds = clock.seconds  # instead of time.monotonic
+    assert passes(mw, request())
+    assert refused(mw, request()).retry_after == 1
+    clock.advance(1)
+    assert passes(mw, request())
+    # Never bound to a pipeline: the middleware's own table.
+    assert os.listdir(tmp_path) == ["ratelimit-limit.bin"]
+
+
+def test_middleware_with_workers_needs_a_writable_shared_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path / "missing"))
+    mw = build(rate=1.0)
+    with pytest.raises(OSError):
+        mw.bind_pipeline(PipelineExecutor("p", [mw], [], [FakeBackend()]))
+
+
+def test_shared_takes_of_processes_at_once_lose_nothing(tmp_path):
+    """
+    Four processes take tokens from one bucket at the same time: every
+    take is counted once (each holds the file's lock).
+    """
+    path = tmp_path / "t.bin"
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from harmony.middleware.rate_limit import SharedTokenBuckets
+        table = SharedTokenBuckets(sys.argv[1], 1e-9, 100000, 100)
+        table.open()
+        print("ready", flush=True)
+        sys.stdin.readline()  # all start together
+        print(sum(table.take("global", time.monotonic()) == 0.0 for _ in range(20000)), flush=True)
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+        for _ in range(4)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        taken = [int(proc.communicate(timeout=60)[0]) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert taken == [20000] * 4
+    table = SharedTokenBuckets(path, 1e-9, 100000, 100)
+    assert table.tokens("global", time.monotonic()) == pytest.approx(20000.0, abs=0.01)
