@@ -40,7 +40,17 @@ from peers import build_bind_shim, dcmtk, require
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from harmonytest import Process, base_config, free_port, request, run_twistd, start_harmony, write_config
+from harmonytest import (
+    Process,
+    base_config,
+    children,
+    connection_owners,
+    free_port,
+    request,
+    run_twistd,
+    start_harmony,
+    write_config,
+)
 
 # -- the test PKI ------------------------------------------------------------------
 
@@ -698,3 +708,47 @@ def test_reload_renews_the_certificate(gateway, pki):
     _reload(gateway, "Reload refused")
     assert "network.https.http.key_path:" in gateway.process.output()
     assert https_get(gateway.https, _context(pki, ca="other_ca"))[0] == 200
+
+
+def test_https_listener_served_by_several_workers(pki, tmp_path):
+    """
+    With C{[proxy] workers = 2}, every worker speaks TLS on its socket of
+    the HTTPS listener, with the listener's certificate.
+    """
+    port = free_port()
+    base = base_config(port).replace('log_level = "info"', 'log_level = "info"\nworkers = 2\nshutdown_grace_secs = 5')
+    base = base.replace(f"bind_port = {port}\n", f'bind_port = {port}\ncert_path = "{pki.server}"\nkey_path = "{pki.server_key}"\n')
+    pipeline = """
+[pipelines.echo]
+networks = ["default"]
+endpoints = ["echo_in"]
+backends = ["echo_out"]
+[endpoints.echo_in]
+service = "http"
+[endpoints.echo_in.options]
+path_prefix = "/echo"
+[backends.echo_out]
+service = "echo"
+"""
+    config = write_config(tmp_path, base, {"echo": pipeline})
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    proc = start_harmony(tmp_path, config, port, env={"RUNTIME_DIRECTORY": str(runtime)})
+    conns = []
+    try:
+        deadline = time.monotonic() + 15
+        while "Worker 1 serving" not in proc.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [worker] = children(proc.popen.pid)
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        for _ in range(24):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+            conns.append(conn)
+            conn.request("GET", "/echo/x")
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["method"] == "GET"
+        assert set(connection_owners([proc.popen.pid, worker], port).values()) == {proc.popen.pid, worker}
+    finally:
+        for conn in conns:
+            conn.close()
+        proc.stop_cleanly()

@@ -9,13 +9,22 @@ and configurations several processes cannot run are refused at startup.
 
 import http.client
 import os
-import re
 import signal
 import time
 
 import pytest
 
-from harmonytest import base_config, free_port, request, run_twistd, start_harmony, write_config
+from harmonytest import (
+    alive,
+    base_config,
+    children,
+    connection_owners,
+    free_port,
+    request,
+    run_twistd,
+    start_harmony,
+    write_config,
+)
 
 
 def echo_pipeline(prefix):
@@ -33,26 +42,6 @@ service = "echo"
 """
 
 
-def children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def wait_for(predicate, timeout=15.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,44 +50,6 @@ def wait_for(predicate, timeout=15.0, what="condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _socket_inodes(pid):
-    inodes = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return inodes
-    for name in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        m = re.fullmatch(r"socket:\[(\d+)\]", target)
-        if m:
-            inodes.add(m.group(1))
-    return inodes
-
-
-def connection_owners(pids, port):
-    """
-    Established connections to 127.0.0.1:C{port}: client port -> the pid
-    (of C{pids}) holding the server side, from /proc.
-    """
-    by_inode = {}
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            if state == "01" and int(local.split(":")[1], 16) == port:
-                by_inode[inode] = int(remote.split(":")[1], 16)
-    owners = {}
-    for pid in pids:
-        for inode in _socket_inodes(pid):
-            if inode in by_inode:
-                owners[by_inode[inode]] = pid
-    return owners
 
 
 def metric(text, name, **labels):
