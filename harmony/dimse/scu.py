@@ -1298,8 +1298,7 @@ def decode_identifier(data, transfer_syntax):
 
     @rtype: pydicom C{Dataset}
     """
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import read_dataset
+    from harmony.dimse.identifier import read_identifier
 
     implicit, little, deflated = _encoding(transfer_syntax)
     data = bytes(data)
@@ -1308,7 +1307,7 @@ def decode_identifier(data, transfer_syntax):
         data = decompressor.decompress(data, MAX_IDENTIFIER_LENGTH + 1)
         if len(data) > MAX_IDENTIFIER_LENGTH:
             raise ValueError("deflated identifier too large")
-    return read_dataset(DicomBytesIO(data), implicit, little)
+    return read_identifier(data, implicit, little)
 
 
 def _encoding(transfer_syntax):
