@@ -31,6 +31,7 @@ from harmony.http.headers import end_to_end_raw
 from harmony.interfaces import IBackend
 from harmony.logs import logger
 from harmony.streams import Stream, body_producer
+from harmony.timeouts import Deadlines
 from harmony.tls import check_pair, client_tls, place, tls_failure_reason, warn_once
 
 
@@ -196,6 +197,8 @@ class HttpBackend:
         self._clock = context.reactor
         self._base = options.base_url.rstrip("/")
         self._timeout = options.timeout_secs
+        # One timer for all the requests in flight (harmony.timeouts).
+        self._deadlines = Deadlines(self._clock, options.timeout_secs) if self._clock is not None else None
         self._connect_timeout = options.connect_timeout_secs
         self._tls = self._tls_policy(name, options, getattr(context, "config", None))
 
@@ -257,11 +260,13 @@ class HttpBackend:
             timed_out.append(True)
             d.cancel()
 
-        delayed = self._clock.callLater(self._timeout, on_timeout)
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = Deadlines(self._clock, self._timeout)
+        timer = deadlines.add(on_timeout)
 
         def stop_timer(result):
-            if delayed.active():
-                delayed.cancel()
+            deadlines.remove(timer)
             return result
 
         def failed(reason):

@@ -29,7 +29,7 @@ from io import BytesIO
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 
@@ -333,6 +333,35 @@ class HarmonyRequest(server.Request):
             self.processingFailed(Failure())
 
 
+class HarmonyChannel(http.HTTPChannel):
+    """
+    twisted.web's HTTP/1.1 channel, remembering what does not change on a
+    connection: twisted.web asks for the local address (a C{getsockname}
+    system call) and whether the transport is TLS (an interface lookup)
+    on every request.
+    """
+
+    _host = None
+    _secure = None
+
+    def getHost(self):
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def isSecure(self):
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = super().isSecure()
+        return secure
+
+
+def _channel(factory):
+    # twisted.web's own factory, with HarmonyChannel for HTTPChannel.
+    return http._GenericHTTPChannelProtocol(HarmonyChannel())
+
+
 class HarmonySite(server.Site):
     """
     A Site that keeps small bodies in memory, and writes Harmony's access
@@ -344,6 +373,7 @@ class HarmonySite(server.Site):
     noisy = False
     displayTracebacks = False
     requestFactory = HarmonyRequest
+    protocol = _channel
     #: Request bodies larger than this get 413 before they are read
     #: ([proxy.content_limits] max_body_size; None: no limit here).
     max_body_size = None
