@@ -28,15 +28,17 @@ Everything runs on 127.0.0.1 with free ports, in one go:
     order rotated from round to round: DCMTK C{getscu} C-GET of the study
     (C{TCP_NODELAY=1}, into a directory emptied afterwards); Harmony's
     C-GET (C{POST /dicom/get}, the retrieved files deleted afterwards); and
-    the JMIX request on that round's pipeline (a build: the zip read as a
-    stream and thrown away) immediately followed by the same request again
-    (served from the store).  Before each measurement: C{sync}, and
+    the JMIX request on that round's pipeline (a build, whose answer is
+    streamed as the zip is written: read as a stream and thrown away; then
+    checked to be the store's zip) immediately followed by the same request
+    again (served from the store).  Before each measurement: C{sync}, and
     Harmony's C{VmHWM} reset through C{/proc/<pid>/clear_refs};
  4. a table (medians over the rounds), the zip size, the packaging
     overhead (JMIX build / getscu C-GET, medians) against the 1.3x target
     with PASS/MISS, and Harmony's peak RSS growth against the study size.
 
-See bench/README.md for the pinning and how to read the output.  This is a
+See bench/README.md for the pinning (C{--harmony-cores} to change
+Harmony's) and how to read the output.  This is a
 benchmark, not a test: it exits 0 whatever the numbers are, and non-zero
 only when a process does not start or dies, or a measurement gets a wrong
 answer (then with the reason and Harmony's log).
@@ -362,8 +364,8 @@ def report(runs, study_bytes, args):
         print(f"  {label:<32} {s:7.2f} {f'[{min(secs):.2f}..{max(secs):.2f}]':>14} {head:>7} {size / MiB:7.1f} "
               f"{size / MiB / s:7.1f} {hcpu:13.2f} {ocpu:13.2f} "
               f"{fmt_mib(peak):>16} {'+' + fmt_mib(growth):>10}")
-    print("  (s: request to the last byte, or the getscu process's wall time; head: to the response head (the build "
-          "is done before it); MiB: the zip, or the instances as stored; Harmony CPU: utime+stime of the Harmony "
+    print("  (s: request to the last byte, or the getscu process's wall time; head: to the response head (a build's "
+          "answer is streamed: it starts once the first instance is in the zip); MiB: the zip, or the instances as stored; Harmony CPU: utime+stime of the Harmony "
           "process during the measurement (getscu does not involve it); peak RSS: Harmony's VmHWM, reset before each "
           "measurement, the highest over the rounds; growth: the highest peak minus the RSS before)")
 
@@ -418,6 +420,9 @@ def main():
     parser.add_argument("--series", type=int, default=2, help="series of the study (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3), after one unmeasured")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (data, config, stores, logs)")
+    parser.add_argument("--harmony-cores", metavar="LIST",
+                        help="taskset core list for Harmony instead of core 0 (e.g. 0-1: Harmony may use every core, "
+                             "sharing core 1 with Orthanc and the client; they stay on the other cores)")
     args = parser.parse_args()
     if min(args.instances, args.rows, args.cols, args.series, args.rounds) < 1:
         parser.error("--instances, --rows, --cols, --series, --rounds must be >= 1")
@@ -439,6 +444,8 @@ def main():
         print("JMIX benchmark (bench/jmix.py)")
         print(f"  python      {sys.executable} ({sys.version.split()[0]}); pydicom {pydicom.__version__}; "
               f"{versions or 'orthanc/dcmtk versions unknown'}")
+        if args.harmony_cores and harmony_cores is not None:
+            harmony_cores = args.harmony_cores
         print_setup(ncpu, harmony_cores, client_cores, "Orthanc, getscu and the client (this process)", workdir)
 
         # 1. Orthanc and the study

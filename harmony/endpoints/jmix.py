@@ -21,8 +21,14 @@ The C{jmix} endpoint service: JMIX packages under C{path_prefix}.
 Packages, their zips and the index live in a L{PackageStore} under
 C{store_dir} (default C{<[storage.options] path>/jmix}); every id is a
 UUID, so no request names a path.  Uploads are written to a temporary
-area of the store, extracted with zip-slip and size checks, validated
-(structure, JSON schemas, hashes) and only then moved into place.
+area of the store, extracted there with zip-slip and size checks,
+validated (structure, JSON schemas, hashes), and only then is the zip
+moved into place (the extracted copy goes with the temporary area: the
+store keeps zips only).
+
+A package being built is streamed to the request that builds it as it is
+written (L{harmony.middleware.jmix_builder}); every other answer is a
+stored zip.
 
 Options: C{path_prefix} (required), C{store_dir}, C{skip_hashing} and
 C{skip_listing} (build defaults, false), C{ttl_secs} and
@@ -221,7 +227,7 @@ class JmixEndpoint(HttpEndpoint):
         from harmony.jmix.package import read_manifest
 
         manifest = await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), read_manifest,
-                                                   record.directory)
+                                                   record.zip_path)
         return ResponseEnvelope.json(200, manifest)
 
     def _query(self, envelope):
@@ -353,34 +359,31 @@ def _check_upload(zip_path, dest, max_bytes, max_files):
 
 def _place(root, zip_path, store, package_id):
     """
-    Move a validated upload into the store (in a thread); its index entry.
+    Move a validated upload's zip into the store (in a thread); its index
+    entry, from the extracted copy at C{root} (which stays in the work area).
     """
     import json
 
-    from harmony.jmix.package import PackageInfo
+    from harmony.jmix.package import PackageInfo, place
 
-    directory = store.dir_for(package_id)
     target = store.zip_for(package_id)
-    if os.path.exists(directory) or os.path.exists(target):
+    if os.path.lexists(store.dir_for(package_id)) or os.path.lexists(target):
         raise Conflict(f"Package {package_id} exists already")  # another upload won the race
     try:
-        # Fails when another upload (another thread or worker) moved its
-        # directory in since the check: the first one moved in wins.
-        os.replace(root, directory)
-    except OSError:
-        if os.path.isdir(directory):
-            raise Conflict(f"Package {package_id} exists already") from None
-        raise
-    os.replace(zip_path, target)
-    with open(os.path.join(directory, "payload", "metadata.json"), encoding="utf-8") as f:
+        # Never replaces a zip there: when another upload (another thread
+        # or worker) moved its zip in since the check, the first one wins.
+        place(zip_path, target)
+    except FileExistsError:
+        raise Conflict(f"Package {package_id} exists already") from None
+    with open(os.path.join(root, "payload", "metadata.json"), encoding="utf-8") as f:
         metadata = json.load(f)
-    with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
     studies = metadata.get("studies") or {}
     study_uid = studies.get("study_uid") if isinstance(studies, dict) else None
-    files = [name for _, _, names in os.walk(os.path.join(directory, "payload", "dicom")) for name in names]
+    files = [name for _, _, names in os.walk(os.path.join(root, "payload", "dicom")) for name in names]
     return PackageInfo(
-        id=package_id, study_uid=study_uid, directory=directory, zip_path=target,
+        id=package_id, study_uid=study_uid, zip_path=target,
         payload_hash=(manifest.get("security") or {}).get("payload_hash"), size=os.path.getsize(target),
         instance_count=len(files),
     )

@@ -1,58 +1,78 @@
 # -*- test-case-name: tests.unit.test_jmix_package -*-
 """
-Build a JMIX package from the DICOM Part 10 files of one study, and zip it.
+Build a JMIX package from the DICOM Part 10 files of one study, as a zip
+written once, front to back.
 
-Everything here is pure and synchronous (file I/O and hashing): callers on
-the reactor run it in a thread pool (C{deferToThreadPool}).
+Everything here is synchronous (file I/O and hashing): callers on the
+reactor run it in a thread pool (C{deferToThreadPool}), one call at a time
+per builder.
 
-Layout written by L{build_package} under C{out_root} (issue 7, "build
-exactly this")::
+A package (issue 7, "build exactly this") is the zip C{<id>.zip} whose
+entries are, under C{<id>/}::
 
-    <id>/
-      manifest.json        no patient data; security.payload_hash
-      audit.json           {"audit": [{"event": "created", "by": {id, name}, "timestamp"}]}
-      payload/
-        metadata.json      patient + study + series summary
-        files.json         [{"file": "dicom/<series>/<sop>.dcm", "hash", "size_bytes"}]
-        dicom/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-      schemas/             Harmony's JSON Schemas (audit, files, manifest,
+    manifest.json          no patient data; security.payload_hash
+    audit.json             {"audit": [{"event": "created", "by": {id, name}, "timestamp"}]}
+    payload/
+      metadata.json        patient + study + series summary
+      files.json           [{"file": "dicom/<series>/<sop>.dcm", "hash", "size_bytes"}]
+      dicom/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    schemas/               Harmony's JSON Schemas (audit, files, manifest,
                            metadata .schema.json), so a recipient can validate
-    <id>.zip               the same tree, entries "<id>/..."
+
+No unpacked copy is written: the zip is the package.
+
+L{PackageBuilder} builds it incrementally, as the instances arrive (from a
+retrieve, say):
+
+  - L{PackageBuilder.add} takes one instance file: it reads it once, and
+    from that one read takes the UIDs (a minimal tag walk over the
+    beginning of the data set, L{harmony.storage.dicom}; pydicom only for
+    files the walk cannot read), computes the file's SHA-256 and the zip's
+    CRC-32, and appends the stored zip entry
+    C{payload/dicom/<series>/<sop>.dcm} to the zip.  Checks, for every
+    instance before it is written: one study, valid UIDs (which name the
+    entry: no path traversal), no duplicate SOP Instance UID; a problem
+    raises C{ValueError} (the caller then aborts the package).  The input
+    file is read, never moved or changed.
+  - L{PackageBuilder.finish} reads the header of the first instance of each
+    series back from the zip (pydicom, C{stop_before_pixels}: pixel data is
+    never loaded) for C{metadata.json}, computes the payload hash in one
+    pass over the instances in path order (read back from the zip, which is
+    in the page cache), and appends C{metadata.json}, C{files.json},
+    C{manifest.json}, C{audit.json}, then the central directory.
 
 Choices:
 
-  - B{Input files are moved, not copied.} Every input file's header is read
-    first (C{dcmread(stop_before_pixels=True, specific_tags=...)}: pixel
-    data is never loaded) and checked: one study, valid UIDs, no duplicate
-    SOP Instance UIDs. A problem found there raises C{ValueError} before any
-    file is touched. Then the files are moved with C{os.replace} (copy +
-    remove across filesystems) to C{payload/dicom/<series>/<sop>.dcm}; the
-    names come from UIDs checked by L{harmony.storage.dicom.check_uid}, so
-    no path traversal is possible. From that point the caller's spool is
-    consumed whether the build succeeds or fails (on failure the partial
-    C{<id>/} and zip are removed, moved instances with them; instances not
-    yet moved stay where they were).
-  - B{Deterministic payload.} Rebuilding the same study (same files) gives
-    byte-identical C{payload/} files and so the same payload hash: the
-    metadata C{id} is C{uuid5(NAMESPACE_OID, study_uid)}, its C{timestamp}
-    is StudyDate/StudyTime (read as UTC; C{1970-01-01T00:00:00Z} when
-    StudyDate is absent or malformed, midnight when only StudyTime is),
-    patient and study values come from the first instance in (series UID,
-    SOP UID) order, series are sorted by UID, and JSON is written with
-    sorted keys, two-space indent, UTF-8 and a trailing newline. Only
-    C{manifest.json} and C{audit.json} (the package id and "now") differ.
+  - B{Deterministic payload.} Rebuilding the same study (same files, in any
+    order) gives byte-identical C{payload/} files and so the same payload
+    hash: the metadata C{id} is C{uuid5(NAMESPACE_OID, study_uid)}, its
+    C{timestamp} is StudyDate/StudyTime (read as UTC;
+    C{1970-01-01T00:00:00Z} when StudyDate is absent or malformed, midnight
+    when only StudyTime is), patient and study values come from the first
+    instance in (series UID, SOP UID) order, series are sorted by UID, the
+    listing by path, and JSON is written with sorted keys, two-space
+    indent, UTF-8 and a trailing newline.  Only C{manifest.json} and
+    C{audit.json} (the package id and "now") differ.
   - B{Payload hash}: every file under C{payload/} sorted by its relative
     path (C{/}-separated; code-point order, which is UTF-8 byte order);
     SHA-256 over, per file, the UTF-8 path, C{"\\n"}, then the file bytes.
     It is computed even with C{skip_hashing} (which only nulls the per-file
-    hashes in C{files.json}) so every Harmony package stays verifiable.
-    Building reads each instance once for both the per-file and the payload
-    hash.
+    hashes in C{files.json}, and saves their computation) so every Harmony
+    package stays verifiable.
   - C{skip_listing}: C{files.json} lists only C{metadata.json}.
-  - B{Zip}: entries sorted by name, all dated 1980-01-01 00:00:00, mode
-    0644, JSON deflated, everything else (DICOM) stored; written entry by
-    entry in 1 MiB chunks (bounded memory, ZIP64 when needed) to a temporary
-    name and renamed into place.
+  - B{Zip} (L{harmony.jmix.zipwriter}): the local entries are in the order
+    written (the schemas first, the instances as they came, the JSON
+    documents last) and final as soon as written (no data descriptors,
+    nothing patched afterwards: L{PackageBuilder.committed} bytes can be
+    sent while the rest is written); the central directory lists the
+    entries sorted by name.  Every entry is dated 1980-01-01 00:00:00 with
+    mode 0644; JSON is deflated, everything else (DICOM) stored.  ZIP64
+    when needed.
+  - B{Memory and copies}: files are read through read-only mappings of the
+    page cache (L{MAP_WINDOW} at most at a time, unmapped at once), so the
+    hashes and the CRC read the bytes where they are and the zip entry is
+    written from there; an instance larger than the window is hashed
+    window by window, then copied into the zip by the kernel.
   - Absent DICOM values are C{null} in metadata.json (C{body_part} is
     omitted); C{sex} keeps the DICOM codes C{M}/C{F}/C{O}; C{dob} is
     C{YYYY-MM-DD}; C{identifiers} holds PatientID (with IssuerOfPatientID as
@@ -60,24 +80,29 @@ Choices:
   - C{manifest.json} omits C{requester} when there is none and
     C{security.classification} when none is given.
 
-Error messages never contain patient data (UIDs and counts only).
+Error messages never contain patient data (no UIDs: input files are named
+by their index, in the order they were given).
 """
 
+import contextlib
 import datetime
 import errno
 import hashlib
 import importlib.resources
+import io
 import json
+import mmap
 import os
 import re
-import shutil
 import uuid
 import zipfile
+import zlib
 
 import attr
 from pydicom import dcmread
 
-from harmony.storage.dicom import check_uid
+from harmony.jmix.zipwriter import ZipAppender
+from harmony.storage.dicom import NeedMoreData, check_uid, uids_from_dataset_prefix
 
 VERSION = "1.0"
 
@@ -90,7 +115,12 @@ ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 #: metadata.json timestamp when the study has no usable StudyDate.
 EPOCH_TIMESTAMP = "1970-01-01T00:00:00Z"
 
+#: Files are read through read-only mappings of at most this many bytes:
+#: instances up to this size are read once.
+MAP_WINDOW = 4 << 20
+
 _CHUNK = 1 << 20
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _MANIFEST_MAX_BYTES = 1 << 20
 
@@ -111,6 +141,7 @@ _HEADER_TAGS = [
     "PatientBirthDate",
     "PatientSex",
 ]
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 @attr.s(frozen=True, slots=True)
@@ -141,12 +172,11 @@ class Party:
 @attr.s(frozen=True, slots=True)
 class PackageInfo:
     """
-    What L{build_package} built.
+    What a build built.
 
     @ivar id: the package id (a lowercase UUID string).
     @ivar study_uid: the Study Instance UID.
-    @ivar directory: the package directory C{<out_root>/<id>}.
-    @ivar zip_path: the zip C{<out_root>/<id>.zip}.
+    @ivar zip_path: the package's zip.
     @ivar payload_hash: C{"sha256:<hex>"} (or C{None} for a package without one).
     @ivar size: the zip's size in bytes.
     @ivar instance_count: the number of DICOM instances in the payload.
@@ -155,20 +185,11 @@ class PackageInfo:
 
     id = attr.ib()
     study_uid = attr.ib()
-    directory = attr.ib()
     zip_path = attr.ib()
     payload_hash = attr.ib()
     size = attr.ib()
     instance_count = attr.ib()
     timestamp = attr.ib(default=None)
-
-
-@attr.s(frozen=True, slots=True)
-class _Instance:
-    path = attr.ib()
-    series_uid = attr.ib()
-    sop_uid = attr.ib()
-    dataset = attr.ib()
 
 
 # -- small helpers --------------------------------------------------------
@@ -222,7 +243,7 @@ def format_timestamp(when):
 def tree_files(payload_dir):
     """
     @return: the C{/}-separated paths of every file under C{payload_dir}
-        (any directory), relative to it, sorted (payload hash and zip order).
+        (any directory), relative to it, sorted (payload hash order).
     @raise ValueError: when the tree holds a symlink or a special file.
     """
     found = []
@@ -254,7 +275,8 @@ def _feed(path, *hashers):
 
 def payload_hash(payload_dir, on_file=None):
     """
-    Compute the payload hash of C{payload_dir} (see the module docstring).
+    Compute the payload hash of an unpacked C{payload_dir} (see the module
+    docstring).
 
     @param on_file: optional C{callable(relpath, sha256_hex, size)} called
         for each file as it is hashed (one read serves both hashes).
@@ -281,23 +303,6 @@ def _text(ds, keyword):
         return None
     value = str(value).strip().strip("\x00").strip()
     return value or None
-
-
-def _read_header(path, index):
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except Exception as e:  # noqa: BLE001 - any parse failure is bad input
-        raise ValueError(
-            "input file %d is not a readable DICOM Part 10 file (%s)" % (index, type(e).__name__)
-        ) from None
-    uids = []
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        value = _text(ds, keyword)
-        if value is None:
-            raise ValueError("input file %d has no %s" % (index, keyword))
-        check_uid(value, keyword)
-        uids.append(value)
-    return uids[0], _Instance(path=path, series_uid=uids[1], sop_uid=uids[2], dataset=ds)
 
 
 def _study_timestamp(ds):
@@ -365,27 +370,23 @@ def _patient(ds):
     }
 
 
-def build_metadata(study_uid, instances):
+def build_metadata(study_uid, series):
     """
-    @param instances: the study's L{_Instance}s sorted by (series, SOP) UID.
-    @return: the metadata.json object (deterministic for the same study).
+    @param series: C{(series UID, instance count, header dataset of its
+        first instance in SOP Instance UID order)} per series of the study.
+    @return: the metadata.json object (deterministic for the same study):
+        series sorted by UID; patient and study values from the first
+        instance of the first series.
     """
-    first = instances[0].dataset
-    series = []
-    by_series = {}
-    for inst in instances:
-        by_series.setdefault(inst.series_uid, []).append(inst)
-    for series_uid in sorted(by_series):
-        members = by_series[series_uid]
-        entry = {
-            "series_uid": series_uid,
-            "modality": _text(members[0].dataset, "Modality"),
-            "instance_count": len(members),
-        }
-        body_part = _text(members[0].dataset, "BodyPartExamined")
+    series = sorted(series, key=lambda s: s[0])
+    first = series[0][2]
+    entries = []
+    for series_uid, count, ds in series:
+        entry = {"series_uid": series_uid, "modality": _text(ds, "Modality"), "instance_count": count}
+        body_part = _text(ds, "BodyPartExamined")
         if body_part is not None:
             entry["body_part"] = body_part
-        series.append(entry)
+        entries.append(entry)
     return {
         "version": VERSION,
         "id": str(uuid.uuid5(uuid.NAMESPACE_OID, study_uid)),
@@ -394,9 +395,119 @@ def build_metadata(study_uid, instances):
         "studies": {
             "study_uid": study_uid,
             "study_description": _text(first, "StudyDescription"),
-            "series": series,
+            "series": entries,
         },
     }
+
+
+# -- reading instances ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _mapped(fd, offset, size):
+    """
+    The C{size} bytes of the open file C{fd} at C{offset}, as a memoryview
+    valid inside the C{with}: a read-only mapping of the page cache (no
+    copy; unmapped afterwards, so the process's resident size grows by at
+    most C{size}), or the bytes read when the file cannot be mapped.
+
+    @raise ValueError: the file ends before.
+    """
+    if size == 0:
+        yield memoryview(b"")
+        return
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapping = mmap.mmap(fd, offset + size - start, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ,
+                            offset=start)
+    except (OSError, ValueError):
+        mapping = None
+    if mapping is None:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ValueError("a file ended before its announced size")
+        yield memoryview(data)
+        return
+    if os.fstat(fd).st_size < offset + size:
+        mapping.close()
+        raise ValueError("a file ended before its announced size")
+    view = memoryview(mapping)[offset - start:]
+    try:
+        yield view
+    finally:
+        view.release()
+        try:
+            mapping.close()
+        except BufferError:  # a view of it is still referenced: unmapped when collected
+            pass
+
+
+def _header_uids(head, complete):
+    """
+    The (study, series, SOP instance) UIDs of a Part 10 file from its first
+    bytes (C{complete}: the whole file), by a tag walk; C{None} when the
+    walk cannot tell (then pydicom reads the file).
+    """
+    from harmony.dimse.scu import read_part10_header
+
+    try:
+        meta = read_part10_header(head)
+        return uids_from_dataset_prefix(head[meta.dataset_offset:], meta.transfer_syntax, final=complete)
+    except (ValueError, NeedMoreData):
+        return None
+
+
+def _pydicom_header(source, index):
+    try:
+        return dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except Exception as e:  # noqa: BLE001 - any parse failure is bad input
+        raise ValueError(
+            "input file %d is not a readable DICOM Part 10 file (%s)" % (index, type(e).__name__)
+        ) from None
+
+
+def _checked_uids(values, index):
+    out = []
+    for keyword, value in zip(_UID_KEYWORDS, values):
+        value = None if value is None else str(value).strip().strip("\x00").strip() or None
+        if value is None:
+            raise ValueError("input file %d has no %s" % (index, keyword))
+        check_uid(value, keyword)
+        out.append(value)
+    return out
+
+
+class _Window(io.RawIOBase):
+    """
+    C{size} bytes of an open file from C{start}, as a file of their own.
+    """
+
+    #: No file name (pydicom looks for one).
+    name = ""
+
+    def __init__(self, fd, start, size):
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self._size - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self):
+        return self._pos
 
 
 # -- building ---------------------------------------------------------------
@@ -408,39 +519,283 @@ def _party(value):
     return {key: item for key, item in dict(value).items() if item is not None}
 
 
-def _move(src, dst):
-    try:
-        os.replace(src, dst)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
+class _Series:
+    __slots__ = ("count", "first_sop", "first_rel")
+
+    def __init__(self, sop, rel):
+        self.count = 0
+        self.first_sop = sop
+        self.first_rel = rel
+
+
+class PackageBuilder:
+    """
+    Builds one package into a new zip at C{zip_path} (see the module
+    docstring): L{add} each instance, then L{finish}; or L{abort}.  Not
+    thread-safe: call one method at a time (from any thread).
+
+    @param zip_path: where the zip is written (created: it must not exist).
+    @param package_id: the package id (canonical UUID string); a new
+        C{uuid4} when C{None}.
+    @param sender: a L{Party} (or a mapping with C{name}, C{id}, C{contact}).
+    @param requester: a L{Party}/mapping or C{None} (omitted).
+    @param receivers: L{Party}s/mappings (C{manifest.receiver}).
+    @param skip_hashing: C{files.json} hashes are C{null} (the payload hash
+        is still computed).
+    @param skip_listing: C{files.json} lists only C{metadata.json}.
+    @param classification: optional C{security.classification}.
+    @param now: the creation time (a datetime; naive = UTC); now if C{None}.
+    @param extensions: optional JSON object for C{manifest.extensions}
+        (must not carry patient data).
+
+    @ivar id: the package id.
+    @ivar entries_end: after L{finish}, the offset where the central
+        directory starts (the end of the last entry).
+    @raise ValueError: a bad package id.
+    @raise FileExistsError: C{zip_path} exists.
+    """
+
+    def __init__(
+        self,
+        zip_path,
+        package_id=None,
+        sender=Party("Harmony", "harmony"),
+        requester=None,
+        receivers=(),
+        skip_hashing=False,
+        skip_listing=False,
+        classification=None,
+        now=None,
+        extensions=None,
+    ):
+        self.id = canonical_id(package_id) if package_id is not None else str(uuid.uuid4())
+        now = now if now is not None else datetime.datetime.now(datetime.timezone.utc)
+        self.timestamp = format_timestamp(now)
+        self.skip_hashing = skip_hashing
+        self.skip_listing = skip_listing
+        self._sender = _party(sender)
+        manifest = {
+            "version": VERSION,
+            "id": self.id,
+            "timestamp": self.timestamp,
+            "sender": self._sender,
+            "receiver": [_party(r) for r in receivers],
+            "security": {},
+        }
+        if requester is not None:
+            manifest["requester"] = _party(requester)
+        if classification is not None:
+            manifest["security"]["classification"] = classification
+        if extensions is not None:
+            manifest["extensions"] = dict(extensions)
+        self._manifest = manifest
+        self._top = self.id + "/"
+        self._study_uid = None
+        #: relative path under payload/ -> (input index, data offset in the zip, size, sha256 hex or None)
+        self._instances = {}
+        self._sops = set()
+        self._series = {}
+        self._broken = False
+        self.entries_end = None
+        self._zip = ZipAppender(zip_path)
+        try:
+            for name in SCHEMA_NAMES:
+                self._zip.add_bytes(self._top + "schemas/%s.schema.json" % (name,), schema_bytes(name))
+        except BaseException:
+            self._zip.abort()
             raise
-        shutil.copyfile(src, dst)
-        os.remove(src)
+
+    @property
+    def zip_path(self):
+        return self._zip.path
+
+    @property
+    def committed(self):
+        """
+        How many bytes at the start of the zip are written and final.
+        """
+        return self._zip.offset
+
+    @property
+    def instance_count(self):
+        return len(self._instances)
+
+    def _check_usable(self):
+        if self._broken:
+            raise ValueError("the package build failed already")
+        if self._zip.closed:
+            raise ValueError("the package is finished")
+
+    def add(self, path):
+        """
+        Add one instance (a DICOM Part 10 file; read, not changed).
+
+        @return: L{committed} after it.
+        @raise ValueError: not DICOM, another study, an invalid or
+            duplicate UID; the builder is then unusable (L{abort} it).
+        """
+        self._check_usable()
+        index = len(self._instances)
+        try:
+            self._add(path, index)
+        except BaseException:
+            self._broken = True
+            raise
+        return self._zip.offset
+
+    def _add(self, path, index):
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            first = min(size, MAP_WINDOW)
+            own = None if self.skip_hashing else hashlib.sha256()
+            with _mapped(fd, 0, first) as head:
+                uids = _header_uids(head, first == size) if first else None
+                if uids is None:
+                    ds = _pydicom_header(path, index)
+                    uids = [ds.get(keyword) for keyword in _UID_KEYWORDS]
+                study_uid, series_uid, sop_uid = _checked_uids(uids, index)
+                if self._study_uid is None:
+                    self._study_uid = study_uid
+                elif study_uid != self._study_uid:
+                    raise ValueError("input files belong to more than one study")
+                if sop_uid in self._sops:
+                    raise ValueError("input file %d: duplicate SOP Instance UID" % (index,))
+                rel = "dicom/%s/%s.dcm" % (series_uid, sop_uid)
+                name = self._top + "payload/" + rel
+                if own is not None:
+                    own.update(head)
+                crc = zlib.crc32(head)
+                if first == size:
+                    # The usual case: the whole file at once.
+                    offset = self._zip.add_file(name, fd, size, crc, head)
+            if first < size:
+                # Larger than the map window: hashed window by window now, then
+                # copied into the zip from the file.
+                position = first
+                while position < size:
+                    with _mapped(fd, position, min(MAP_WINDOW, size - position)) as chunk:
+                        if own is not None:
+                            own.update(chunk)
+                        crc = zlib.crc32(chunk, crc)
+                        position += len(chunk)
+                offset = self._zip.add_file(name, fd, size, crc)
+        self._sops.add(sop_uid)
+        self._instances[rel] = (index, offset, size, None if own is None else own.hexdigest())
+        series = self._series.get(series_uid)
+        if series is None:
+            series = self._series[series_uid] = _Series(sop_uid, rel)
+        elif sop_uid < series.first_sop:
+            series.first_sop, series.first_rel = sop_uid, rel
+        series.count += 1
+
+    def finish(self):
+        """
+        Write C{metadata.json}, C{files.json}, C{manifest.json},
+        C{audit.json} and the central directory; close the zip.
+
+        @return: L{PackageInfo}.
+        @raise ValueError: no instances, or an instance whose header
+            pydicom cannot read.
+        """
+        self._check_usable()
+        if not self._instances:
+            raise ValueError("no instances to package")
+        try:
+            return self._finish()
+        except BaseException:
+            self._broken = True
+            raise
+
+    def _finish(self):
+        total = hashlib.sha256()
+        listing = []
+        with open(self._zip.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            series = []
+            for series_uid, entry in self._series.items():
+                index, offset, size, _ = self._instances[entry.first_rel]
+                window = io.BufferedReader(_Window(fd, offset, size), 64 * 1024)
+                series.append((series_uid, entry.count, _pydicom_header(window, index)))
+            metadata = dumps(build_metadata(self._study_uid, series))
+            # The payload hash: one pass over the instances in path order
+            # ("dicom/..." sorts before files.json and metadata.json, which
+            # are hashed last), read back from the zip.  Path order is not
+            # (series, SOP) order when one UID is a prefix of another
+            # ("1.2/" > "1.2.3/").
+            for rel in sorted(self._instances):
+                _, offset, size, digest = self._instances[rel]
+                total.update(rel.encode("utf-8") + b"\n")
+                end = offset + size
+                while offset < end:
+                    with _mapped(fd, offset, min(MAP_WINDOW, end - offset)) as chunk:
+                        total.update(chunk)
+                        offset += len(chunk)
+                listing.append({"file": rel, "hash": None if digest is None else "sha256:" + digest,
+                                "size_bytes": size})
+        if self.skip_listing:
+            digest = None if self.skip_hashing else "sha256:" + hashlib.sha256(metadata).hexdigest()
+            listing = [{"file": "metadata.json", "hash": digest, "size_bytes": len(metadata)}]
+        files_json = dumps(listing)
+        for rel, data in (("files.json", files_json), ("metadata.json", metadata)):
+            total.update(rel.encode("utf-8") + b"\n")
+            total.update(data)
+        digest = "sha256:" + total.hexdigest()
+        self._manifest["security"]["payload_hash"] = digest
+        audit = {
+            "audit": [
+                {
+                    "event": "created",
+                    "by": {"id": self._sender["id"], "name": self._sender["name"]},
+                    "timestamp": self.timestamp,
+                }
+            ]
+        }
+        for rel, data in (
+            ("payload/metadata.json", metadata),
+            ("payload/files.json", files_json),
+            ("manifest.json", dumps(self._manifest)),
+            ("audit.json", dumps(audit)),
+        ):
+            self._zip.add_bytes(self._top + rel, data)
+        self.entries_end = self._zip.offset
+        size = self._zip.close()
+        return PackageInfo(
+            id=self.id,
+            study_uid=self._study_uid,
+            zip_path=self._zip.path,
+            payload_hash=digest,
+            size=size,
+            instance_count=len(self._instances),
+            timestamp=self.timestamp,
+        )
+
+    def abort(self):
+        """
+        Give the package up: close and remove its zip.  Idempotent.
+        """
+        self._broken = True
+        self._zip.abort()
 
 
-def _write(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
+def place(source, target):
+    """
+    Give a finished zip its final name C{target} without ever replacing a
+    file there (a hard link, then the source name goes; a rename when the
+    file system has no hard links).
 
-
-def _scan(files):
-    study_uid = None
-    instances = []
-    seen = set()
-    for index, path in enumerate(files):
-        uid, inst = _read_header(path, index)
-        if study_uid is None:
-            study_uid = uid
-        elif uid != study_uid:
-            raise ValueError("input files belong to more than one study")
-        if inst.sop_uid in seen:
-            raise ValueError("duplicate SOP Instance UID %s" % (inst.sop_uid,))
-        seen.add(inst.sop_uid)
-        instances.append(inst)
-    if not instances:
-        raise ValueError("no instances to package")
-    instances.sort(key=lambda i: (i.series_uid, i.sop_uid))
-    return study_uid, instances
+    @raise FileExistsError: C{target} exists.
+    """
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "package zip already exists") from None
+        os.rename(source, target)
+        return
+    os.remove(source)
 
 
 def build_package(
@@ -457,170 +812,42 @@ def build_package(
     extensions=None,
 ):
     """
-    Build C{<out_root>/<id>/} and C{<out_root>/<id>.zip} from the DICOM
-    Part 10 files of one study (see the module docstring).
+    Build C{<out_root>/<id>.zip} from the DICOM Part 10 files of one study
+    in one go (a L{PackageBuilder}; the zip is written as
+    C{<id>.zip.part} and renamed when complete).
 
-    @param files: paths of the instances; they are B{moved} into the package.
-    @param out_root: the directory that receives the package (created if missing).
-    @param package_id: the package id (canonical UUID string); a new
-        C{uuid4} when C{None}.
-    @param sender: a L{Party} (or a mapping with C{name}, C{id}, C{contact}).
-    @param requester: a L{Party}/mapping or C{None} (omitted).
-    @param receivers: L{Party}s/mappings (C{manifest.receiver}).
-    @param skip_hashing: C{files.json} hashes are C{null} (the payload hash
-        is still computed).
-    @param skip_listing: C{files.json} lists only C{metadata.json}.
-    @param classification: optional C{security.classification}.
-    @param now: the creation time (a datetime; naive = UTC); now if C{None}.
-    @param extensions: optional JSON object for C{manifest.extensions}
-        (must not carry patient data).
+    @param files: paths of the instances (read, not changed).
+    @param out_root: the directory that receives the zip (created if missing).
     @return: L{PackageInfo}.
     @raise ValueError: bad input (not DICOM, several studies, invalid or
-        duplicate UIDs, bad package id); raised before any file is moved.
-    @raise FileExistsError: the package directory or zip already exists.
+        duplicate UIDs, no files, bad package id): nothing is left behind.
+    @raise FileExistsError: the package zip already exists.
     """
     package_id = canonical_id(package_id) if package_id is not None else str(uuid.uuid4())
-    now = now if now is not None else datetime.datetime.now(datetime.timezone.utc)
-    timestamp = format_timestamp(now)
-    sender_dict = _party(sender)
-    manifest = {
-        "version": VERSION,
-        "id": package_id,
-        "timestamp": timestamp,
-        "sender": sender_dict,
-        "receiver": [_party(r) for r in receivers],
-        "security": {},
-    }
-    if requester is not None:
-        manifest["requester"] = _party(requester)
-    if classification is not None:
-        manifest["security"]["classification"] = classification
-    if extensions is not None:
-        manifest["extensions"] = dict(extensions)
-
-    study_uid, instances = _scan(list(files))
-
     os.makedirs(out_root, exist_ok=True)
-    directory = os.path.join(out_root, package_id)
     zip_path = os.path.join(out_root, package_id + ".zip")
     if os.path.lexists(zip_path):
         raise FileExistsError(errno.EEXIST, "package zip already exists", zip_path)
-    os.mkdir(directory)
-    try:
-        payload = os.path.join(directory, "payload")
-        dicom_dir = os.path.join(payload, "dicom")
-        os.makedirs(dicom_dir)
-        for inst in instances:
-            series_dir = os.path.join(dicom_dir, inst.series_uid)
-            os.makedirs(series_dir, exist_ok=True)
-            _move(inst.path, os.path.join(series_dir, inst.sop_uid + ".dcm"))
-
-        metadata = dumps(build_metadata(study_uid, instances))
-        _write(os.path.join(payload, "metadata.json"), metadata)
-
-        # One pass over the instances feeds both the per-file hashes and
-        # the payload hash; "dicom/..." sorts before files.json and
-        # metadata.json, which are hashed last.
-        total = hashlib.sha256()
-        listing = []
-        # Hash order is the relative path's order, which is not (series, SOP)
-        # order when one UID is a prefix of another ("1.2/" > "1.2.3/").
-        for rel in sorted("dicom/%s/%s.dcm" % (inst.series_uid, inst.sop_uid) for inst in instances):
-            total.update(rel.encode("utf-8") + b"\n")
-            own = hashlib.sha256()
-            size = _feed(os.path.join(payload, *rel.split("/")), total, own)
-            listing.append(
-                {"file": rel, "hash": None if skip_hashing else "sha256:" + own.hexdigest(), "size_bytes": size}
-            )
-        if skip_listing:
-            digest = "sha256:" + hashlib.sha256(metadata).hexdigest()
-            listing = [{"file": "metadata.json", "hash": None if skip_hashing else digest, "size_bytes": len(metadata)}]
-        listing.sort(key=lambda entry: entry["file"])
-        files_json = dumps(listing)
-        _write(os.path.join(payload, "files.json"), files_json)
-        for rel, data in (("files.json", files_json), ("metadata.json", metadata)):
-            total.update(rel.encode("utf-8") + b"\n")
-            total.update(data)
-        digest = "sha256:" + total.hexdigest()
-
-        manifest["security"]["payload_hash"] = digest
-        _write(os.path.join(directory, "manifest.json"), dumps(manifest))
-        audit = {
-            "audit": [
-                {
-                    "event": "created",
-                    "by": {"id": sender_dict["id"], "name": sender_dict["name"]},
-                    "timestamp": timestamp,
-                }
-            ]
-        }
-        _write(os.path.join(directory, "audit.json"), dumps(audit))
-        os.mkdir(os.path.join(directory, "schemas"))
-        for name in SCHEMA_NAMES:
-            _write(os.path.join(directory, "schemas", name + ".schema.json"), schema_bytes(name))
-
-        size = zip_package(directory, zip_path)
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        for leftover in (zip_path, zip_path + ".part"):
-            try:
-                os.remove(leftover)
-            except OSError:
-                pass
-        raise
-    return PackageInfo(
-        id=package_id,
-        study_uid=study_uid,
-        directory=directory,
-        zip_path=zip_path,
-        payload_hash=digest,
-        size=size,
-        instance_count=len(instances),
-        timestamp=timestamp,
+    builder = PackageBuilder(
+        zip_path + ".part", package_id, sender=sender, requester=requester, receivers=receivers,
+        skip_hashing=skip_hashing, skip_listing=skip_listing, classification=classification, now=now,
+        extensions=extensions,
     )
-
-
-# -- zip ----------------------------------------------------------------------
-
-
-def zip_package(directory, zip_path):
-    """
-    Zip the package C{directory} to C{zip_path} with entries
-    C{<basename>/...} sorted by name, fixed times and modes, JSON deflated
-    and everything else stored, streaming each file. The zip is written to
-    C{zip_path + ".part"} and renamed into place.
-
-    @return: the zip's size in bytes.
-    @raise ValueError: when the tree holds a symlink or a special file.
-    """
-    top = os.path.basename(os.path.normpath(directory))
-    rels = tree_files(directory)
-    tmp = zip_path + ".part"
     try:
-        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-            for rel in rels:
-                src = os.path.join(directory, *rel.split("/"))
-                info = zipfile.ZipInfo(top + "/" + rel, date_time=ZIP_DATE_TIME)
-                info.create_system = 3
-                info.external_attr = (0o100644 & 0xFFFF) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED if rel.endswith(".json") else zipfile.ZIP_STORED
-                info.file_size = os.path.getsize(src)
-                with open(src, "rb") as f, zf.open(info, "w") as out:
-                    shutil.copyfileobj(f, out, _CHUNK)
-        os.replace(tmp, zip_path)
+        for path in files:
+            builder.add(path)
+        info = builder.finish()
+        place(info.zip_path, zip_path)
     except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+        builder.abort()
         raise
-    return os.path.getsize(zip_path)
+    return attr.evolve(info, zip_path=zip_path)
 
 
 def read_manifest(zip_path_or_dir):
     """
-    Read a package's C{manifest.json} from its directory or its zip (the
-    entry C{<id>/manifest.json}, read alone).
+    Read a package's C{manifest.json} from its zip (the entry
+    C{<id>/manifest.json}, read alone) or an unpacked package directory.
 
     @return: the manifest as a dict.
     @raise ValueError: no manifest, an oversized one, or not a JSON object.

@@ -5,12 +5,14 @@ L{PackageStore}: where JMIX packages live and how they are found.
 Layout under the root::
 
     <root>/index.sqlite3        the index (WAL mode; plus its -wal and -shm files)
-    <root>/<id>/                an unpacked package (manifest.json, audit.json, payload/)
-    <root>/<id>.zip             the same package as served
+    <root>/<id>.zip             a package (the zip is the package: it is served as it
+                                is, and its manifest is read from it)
+    <root>/<id>/                an unpacked package, as earlier versions kept next to
+                                the zip: not needed, removed with its package
     <root>/.locks/<h>.lock      one study's build lock (h: the first 32 hex digits of the
                                 SHA-256 of its Study Instance UID; no UID in a path)
     <root>/.staging/<n>/        work areas (L{PackageStore.open_work_area}): a build's
-    <root>/.upload/<n>/         instances, an upload being checked; each with <n>.lock
+    <root>/.upload/<n>/         zip being written, an upload being checked; each with <n>.lock
                                 next to it, locked while the area is in use
 
 An id is a canonical lower-case UUID (8-4-4-4-12 hex digits), checked by
@@ -22,22 +24,24 @@ from the injected clock (C{clock.seconds()}) when the package is added; the
 newest package of a study is the one with the greatest C{created} (ties:
 the one added last).  C{size} is the size the caller reports (the zip's).
 
-A row is written only after the package's directory and zip are in place
-(the caller puts them there, then calls L{PackageStore.add}), and a package
-is removed files first, row last.  So, after a crash:
+A row is written only after the package's zip is in place (the caller
+puts it there, then calls L{PackageStore.add}), and a package is removed
+files first, row last.  So, after a crash:
 
-  - a row whose zip or directory is missing is a damaged package: it is not
-    served (L{PackageStore.get} returns C{None}) and the row and whatever is
-    left of its files are removed when it is looked up or pruned;
-  - a directory or zip without a row is an orphan (an interrupted build or
-    upload): it is never served, and L{PackageStore.prune} removes it once
-    it has not changed for C{orphan_grace_secs}, so that a package still
-    being written (or moved into place, not yet added) is left alone.  Its
-    age is measured from the newest change time (the later of C{st_mtime}
-    and C{st_ctime}: a rename or C{utime} updates the change time, so a
-    package unpacked elsewhere with old file times and moved in counts as
-    new) of the directory, C{payload/}, C{payload/dicom/} and the zip,
-    against the wall clock, since these are file system times.
+  - a row whose zip is missing is a damaged package: it is not served
+    (L{PackageStore.get} returns C{None}) and the row and whatever is left
+    of its files are removed when it is looked up or pruned;
+  - a zip (or a directory) without a row is an orphan (a build or upload
+    interrupted between putting its zip in place and adding it): it is
+    never served, and L{PackageStore.prune} removes it once it has not
+    changed for C{orphan_grace_secs}, so that a package moved into place
+    and not yet added is left alone.  Its age is measured from the newest
+    change time (the later of C{st_mtime} and C{st_ctime}: a rename or
+    C{utime} updates the change time, so a zip written elsewhere with old
+    file times and moved in counts as new) of the zip and of a directory,
+    its C{payload/} and C{payload/dicom/}, against the wall clock, since
+    these are file system times.  (A zip being written is not in the root:
+    builds write theirs in their staging area, uploads in theirs.)
 
 Threading: sqlite connections and all file system work run off the reactor
 thread, one job at a time, in the order asked: every job goes through a
@@ -150,8 +154,7 @@ class PackageRecord:
     @ivar created: when it was added, in the store clock's seconds.
     @ivar size: its size in bytes as given to L{PackageStore.add} (the zip's).
     @ivar payload_hash: C{"sha256:<hex>"}, or C{None}.
-    @ivar zip_path: the absolute path of C{<id>.zip}.
-    @ivar directory: the absolute path of the unpacked package.
+    @ivar zip_path: the absolute path of C{<id>.zip}: the package.
     """
 
     id: str
@@ -160,7 +163,6 @@ class PackageRecord:
     size: int
     payload_hash: object
     zip_path: str
-    directory: str
 
 
 def try_lock(path):
@@ -431,7 +433,9 @@ class PackageStore:
 
     def dir_for(self, package_id):
         """
-        @return: the directory of a package, C{<root>/<id>}.
+        @return: where an unpacked copy of a package may be, C{<root>/<id>}
+            (earlier versions kept one; a directory of that name is
+            removed with the package, or as an orphan).
         @raise ValueError: C{package_id} is not a lower-case UUID.
         """
         return os.path.join(self.root, check_id(package_id))
@@ -452,19 +456,18 @@ class PackageStore:
             size=size,
             payload_hash=payload_hash,
             zip_path=self.zip_for(package_id),
-            directory=self.dir_for(package_id),
         )
 
     # -- index ------------------------------------------------------------------
 
     def add(self, info):
         """
-        Index a package whose directory and zip are in place, then prune.
+        Index a package whose zip is in place, then prune.
 
         @param info: has C{id}, C{study_uid}, C{size} and C{payload_hash}
             (a L{harmony.jmix.package.PackageInfo}).
         @return: Deferred[L{PackageRecord}]; fails with C{ValueError} for a
-            bad id, C{FileNotFoundError} when the files are not in place,
+            bad id, C{FileNotFoundError} when the zip is not in place,
             L{Conflict} when the id is indexed already.
         """
         try:
@@ -482,8 +485,8 @@ class PackageStore:
     def get(self, package_id):
         """
         @return: Deferred[L{PackageRecord} or C{None}]: C{None} when the id
-            is not indexed, or is but its zip or directory is gone (then
-            the row and what is left are removed).
+            is not indexed, or is but its zip is gone (then the row and
+            what is left are removed).
         """
         return self._with_id(self._get, package_id)
 
@@ -497,7 +500,7 @@ class PackageStore:
 
     def remove(self, package_id):
         """
-        Remove a package: zip, directory, then row.
+        Remove a package: zip, directory (if any), then row.
 
         @return: Deferred[bool]: whether there was anything to remove.
         """
@@ -658,8 +661,8 @@ class PackageStore:
     def open_work_area(self, kind):
         """
         A new private directory under the store for C{kind} of work
-        (C{"staging"}: a build's instances; C{"upload"}: an upload being
-        checked), locked until L{WorkArea.remove}; the store's clean-up
+        (C{"staging"}: a build's zip while it is written; C{"upload"}:
+        an upload being checked), locked until L{WorkArea.remove}; the store's clean-up
         (at start and in L{prune}, in any process) leaves it alone while it
         is locked and removes it once its process is gone.  Blocking: call
         it in a thread.
@@ -720,10 +723,8 @@ class PackageStore:
 
     def _add(self, package_id, study_uid, created, size, payload_hash):
         conn = self._db()
-        zip_path, directory = self.zip_for(package_id), self.dir_for(package_id)
-        for path, isa in ((zip_path, os.path.isfile), (directory, os.path.isdir)):
-            if not isa(path):
-                raise FileNotFoundError(f"package {package_id}: {os.path.basename(path)} is not in the store")
+        if not os.path.isfile(self.zip_for(package_id)):
+            raise FileNotFoundError(f"package {package_id}: its zip is not in the store")
         try:
             with conn:
                 conn.execute(
@@ -736,9 +737,9 @@ class PackageStore:
 
     def _intact(self, record):
         """
-        Whether a row's files are there; if not, the package is removed.
+        Whether a row's zip is there; if not, the package is removed.
         """
-        if os.path.isfile(record.zip_path) and os.path.isdir(record.directory):
+        if os.path.isfile(record.zip_path):
             return True
         log.warn("JMIX package {id} lost its files: removed from the index", id=record.id)
         self._remove(record.id)

@@ -14,14 +14,41 @@ endpoint's query route (C{GET api/jmix?studyInstanceUid=UID}):
      this one waits for that worker's build lock, then answers with the
      package it stored, or builds when that build failed);
   3. else this request builds it: the backend retrieves the study (C-GET or
-     C-MOVE per its C{dimse_retrieve_mode}); each instance, as it arrives,
-     is linked (or copied) out of the retrieve's spool into a staging area
-     of the store; then the package is built and zipped in a thread
-     (L{harmony.jmix.package.build_package}: the study is never held in
-     memory), indexed, and its zip is the answer.
+     C-MOVE per its C{dimse_retrieve_mode}) and each instance, as it
+     arrives, is added to the package's zip in the reactor's thread pool
+     (L{harmony.jmix.package.PackageBuilder.add}: its header checked, its
+     SHA-256 and CRC-32 computed in one read, its zip entry written), one
+     instance at a time in arrival order, while the retrieve goes on; then
+     its spooled copy is disposed of.  Once the retrieve has ended, the
+     builder writes the JSON documents and the central directory
+     (L{harmony.jmix.package.PackageBuilder.finish}), the zip is moved from
+     the build's staging area into the store and indexed.
+
+Streaming: for a C{GET}, the building request's answer (C{200}, chunked,
+no C{Content-Length}) starts as soon as the first instance is in the zip,
+and the zip goes out as it is written (L{_ZipTail}: what is written is
+final, read back from the page cache on the reactor thread in chunks of
+512 KiB, as a stored zip is served); the central directory goes out last,
+once the package is in the store, so a client that got the whole zip got a
+stored package.  A build that fails after the answer started cannot change
+its status any more: the connection is aborted (the client sees a
+truncated chunked body, never a zip that looks complete), the failure is
+logged and the waiters get the error.  A build that fails before (the
+study is not on the PACS, the PACS cannot be reached, the first instance
+cannot be packaged) is an error answer as usual.  A C{HEAD} waits for the
+finished package (its C{Content-Length} is then known).  A client that goes
+away does not stop the build: the waiters, and the next requests, get the
+package.  Requests waiting for another request's build get the stored
+package once it is built.  Memory stays bounded: the instances are files,
+the zip goes out through a bounded stream (paused while the client is
+slow; the zip is on disk), and at most L{MAX_QUEUED} instances wait for
+the builder thread (then the retrieve's stream is not read, which pauses
+the retrieve).
 
 A study the PACS does not have is a 404; a PACS that cannot be reached a
-502 (504 when too slow); waiting requests get the same answer.
+502 (504 when too slow); instances that cannot be packaged (not DICOM,
+another study, bad or duplicate UIDs) a 502; waiting requests get the same
+answer.
 
 Options: C{sender_name} (default C{"Harmony"}), C{sender_id} (default the
 C{[proxy] id}), C{sender_contact}, C{classification} (manifest
@@ -29,20 +56,21 @@ C{security.classification}).
 """
 
 import os
-import shutil
 import weakref
+from collections import deque
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from harmony.config.schema import Field, Schema, Str
 from harmony.dimse import status as dimse_status
-from harmony.envelope import DicomRequest
-from harmony.errors import NotFound, UpstreamUnavailable, as_harmony_error
+from harmony.envelope import DicomRequest, ResponseEnvelope
+from harmony.errors import HarmonyError, NotFound, UpstreamUnavailable, as_harmony_error
 from harmony.interfaces import IMiddleware
 from harmony.logs import logger
-from harmony.streams import EOF
+from harmony.streams import EOF, Stream, StreamCancelled
 
 log = logger("harmony.middleware.jmix_builder")
 
@@ -59,6 +87,14 @@ OPTIONS = Schema(
 #: What C{start} hands over when a request is the one that builds.
 _LEADER = object()
 
+#: Instances waiting for the builder thread at most (then the retrieve's
+#: stream is left unread, which pauses the retrieve).
+MAX_QUEUED = 64
+#: The streamed zip: bytes read back per chunk, and buffered at most
+#: before the reading pauses (until the client has taken them).
+TAIL_CHUNK = 512 * 1024
+TAIL_HIGH_WATER = 1024 * 1024
+
 
 class _Build:
     """
@@ -72,6 +108,9 @@ class _Build:
         self.skip_listing = skip_listing
         self.requester = ("unknown", "unknown")
         self.done = defer.Deferred()
+        #: The finalizer that fails C{done} if the request never reaches
+        #: the response hook.
+        self.abandoned = None
 
 
 @implementer(IMiddleware)
@@ -158,7 +197,7 @@ class JmixBuilder:
         # A request that never reaches the response hook (its client went
         # away, the pipeline was cancelled) must not leave the requests
         # waiting for its build hanging.
-        weakref.finalize(request, self._abandoned, key, build)
+        build.abandoned = weakref.finalize(request, self._abandoned, key, build)
         return None
 
     def _abandoned(self, key, build):
@@ -172,75 +211,365 @@ class JmixBuilder:
         build = self._builds.pop(id(envelope.dicom), None)
         if build is None:
             return None
+        if build.abandoned is not None:
+            build.abandoned.detach()  # reached: the build ends however the request does
         if response.dicom is None:
             # The PACS could not be asked: the waiters get the same error.
             error = response.metadata.get("error")
             build.done.errback(UpstreamUnavailable(f"The package could not be built ({error or 'PACS error'})"))
             return None
-        d = defer.Deferred.fromCoroutine(self._build(build, response.dicom))
+        # A GET gets the zip as it is written; a HEAD the finished package.
+        streaming = getattr(envelope.details, "method", "GET") != "HEAD"
+        answer = _Answer(streaming)
+        d = defer.Deferred.fromCoroutine(self._build(build, response.dicom, answer))
 
         def built(record):
-            build.done.callback(record)
-            from harmony.endpoints.jmix import zip_response
-
-            return zip_response(record)
+            if not build.done.called:
+                build.done.callback(record)
+            answer.built(record)
 
         def failed(failure):
-            build.done.errback(failure)
-            return failure
+            error = _public_error(failure)
+            if not build.done.called:
+                build.done.errback(error)
+            answer.failed(error)
 
-        return d.addCallbacks(built, failed)
+        d.addCallbacks(built, failed).addErrback(
+            lambda f: log.failure("Answering a JMIX package build failed", f)
+        )
+        return answer.deferred
 
-    async def _build(self, build, result):
-        from harmony.jmix.package import Party, build_package
+    async def _build(self, build, result, answer):
+        from harmony.jmix.package import PackageBuilder, Party
 
         store = build.store
-        pool = self._reactor.getThreadPool()
-        # Locked while in use: no worker's clean-up removes it.
-        area = await threads.deferToThreadPool(self._reactor, pool, store.open_work_area, "staging")
-        staging = area.path
-        files = []
+        reactor, pool = self._reactor, self._reactor.getThreadPool()
+
+        def in_thread(f, *args):
+            return threads.deferToThreadPool(reactor, pool, f, *args)
+
+        instances = result.instances
+        # Locked while in use: no worker's clean-up removes it.  The zip is
+        # written here, then moved into the store when complete.
+        area = await in_thread(store.open_work_area, "staging")
+        builder = queue = None
+        placed = None
         try:
-            while True:
-                instance = await result.instances.read()
+            name, sender_id, contact = self._sender
+            builder = await in_thread(lambda: PackageBuilder(
+                os.path.join(area.path, "package.zip"), sender=Party(name, sender_id, contact),
+                requester=Party(*build.requester), skip_hashing=build.skip_hashing,
+                skip_listing=build.skip_listing, classification=self.options.classification or None,
+            ))
+            answer.builder = builder
+            # A failed instance stops the retrieve (the read below ends).
+            queue = _InstanceQueue(lambda path: in_thread(builder.add, path), answer.written, instances.cancel)
+            while queue.failure is None:
+                try:
+                    instance = await instances.read()
+                except StreamCancelled:
+                    if queue.failure is None:
+                        raise
+                    break
                 if instance is EOF:
                     break
-                target = os.path.join(staging, f"{len(files)}.dcm")
-                try:
-                    await threads.deferToThreadPool(self._reactor, pool, _link_or_copy, instance.path, target)
-                finally:
-                    if instance.dispose is not None:
-                        instance.dispose()
-                files.append(target)
+                queue.put(instance)
+                if len(queue) > MAX_QUEUED:
+                    await queue.wait(MAX_QUEUED // 2)
+            await queue.wait(0)
+            if queue.failure is not None:
+                queue.failure.raiseException()
             status, _ = await result.done
-            if not files:
+            if not queue.added:
                 if dimse_status.is_failure(status) and result.failed:
                     raise UpstreamUnavailable("The PACS failed to retrieve the study")
                 raise NotFound("The PACS has no such study")
-            name, sender_id, contact = self._sender
-            info = await threads.deferToThreadPool(
-                self._reactor, pool, lambda: build_package(
-                    files, store.root, sender=Party(name, sender_id, contact), requester=Party(*build.requester),
-                    skip_hashing=build.skip_hashing, skip_listing=build.skip_listing,
-                    classification=self.options.classification or None,
-                ),
-            )
+            info = await in_thread(_finish, builder, store)
+            placed = info.zip_path
+            # The JSON documents may go; the central directory waits for the index.
+            answer.written(builder.entries_end)
             await store.add(info)
             record = await store.get(info.id)
             if record is None:
                 raise UpstreamUnavailable("The package was built but could not be stored")
+            placed = None
             log.info("JMIX package built: {count} instances", count=info.instance_count)
             return record
+        except BaseException:
+            if queue is not None:
+                queue.cancel()
+                await queue.wait(0)
+            instances.cancel()
+            if placed is not None:
+                await in_thread(_remove_quietly, placed)
+            raise
         finally:
-            await threads.deferToThreadPool(self._reactor, pool, area.remove)
+            if builder is not None:
+                await in_thread(builder.abort)  # nothing when the zip was moved into the store
+            await in_thread(area.remove)
 
 
-def _link_or_copy(source, target):
+def _finish(builder, store):
     """
-    A hard link to C{source} (the spooled instance: no copy), or a copy
-    when the store is on another filesystem.
+    Finish the package and move its zip into the store (in a thread).
     """
+    import attr
+
+    from harmony.jmix.package import place
+
+    info = builder.finish()
+    target = store.zip_for(info.id)
+    place(info.zip_path, target)
+    return attr.evolve(info, zip_path=target)
+
+
+def _remove_quietly(path):
     try:
-        os.link(source, target)
+        os.remove(path)
     except OSError:
-        shutil.copyfile(source, target)
+        pass
+
+
+def _public_error(failure):
+    """
+    The error a failed build answers with (and logs, without patient data).
+    """
+    if failure.check(HarmonyError, defer.CancelledError):
+        return failure.value
+    if failure.check(ValueError):
+        # Bad instances from the PACS; the reasons name no UID.
+        log.warn("JMIX package build failed: {reason}", reason=str(failure.value))
+        return UpstreamUnavailable("The PACS sent instances that cannot be packaged")
+    if failure.check(OSError):
+        # Not the exception's text: it may carry a spooled file's path.
+        log.error("JMIX package build failed: {error} ({reason})", error=type(failure.value).__name__,
+                  reason=failure.value.strerror or "")
+    else:
+        log.error("JMIX package build failed: {error}", error=type(failure.value).__name__)
+    return as_harmony_error(failure)
+
+
+class _InstanceQueue:
+    """
+    Adds retrieved instances to the package one at a time, in arrival
+    order, in the thread pool (C{add(path)} returns a Deferred of the zip's
+    committed size); disposes of each once done with it.  After a failure
+    the instances still queued are only disposed of.
+
+    @ivar added: how many instances were added.
+    @ivar failure: the first failure, or C{None}.
+    """
+
+    def __init__(self, add, on_added, on_failed):
+        self._add = add
+        self._on_added = on_added
+        self._on_failed = on_failed
+        self._queue = deque()
+        self._busy = False
+        self._dispatching = False
+        self._waiters = []
+        self.added = 0
+        self.failure = None
+
+    def __len__(self):
+        return len(self._queue) + self._busy
+
+    def put(self, instance):
+        self._queue.append(instance)
+        self._dispatch()
+
+    def cancel(self):
+        """
+        Add nothing more (what is queued is disposed of).
+        """
+        if self.failure is None:
+            self.failure = Failure(defer.CancelledError())
+        self._dispatch()
+
+    def wait(self, most):
+        """
+        @return: a Deferred firing once at most C{most} instances are queued
+            or being added.
+        """
+        if len(self) <= most:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append((most, d))
+        return d
+
+    def _dispatch(self):
+        # A loop, not recursion, when the adds end at once.
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._queue and not self._busy:
+                instance = self._queue.popleft()
+                if self.failure is not None:
+                    _dispose(instance)
+                    continue
+                self._busy = True
+                if instance.path is None:
+                    d = defer.fail(ValueError("a retrieved instance is not a stored file"))
+                else:
+                    d = defer.maybeDeferred(self._add, instance.path)
+                d.addBoth(self._added, instance)
+        finally:
+            self._dispatching = False
+        waiting, self._waiters = self._waiters, []
+        for most, d in waiting:
+            if len(self) <= most:
+                d.callback(None)
+            else:
+                self._waiters.append((most, d))
+
+    def _added(self, result, instance):
+        self._busy = False
+        _dispose(instance)
+        if isinstance(result, Failure):
+            if self.failure is None:
+                self.failure = result
+                self._on_failed()
+        elif self.failure is None:
+            self.added += 1
+            self._on_added(result)
+        self._dispatch()
+
+
+def _dispose(instance):
+    if instance.dispose is not None:
+        try:
+            instance.dispose()
+        except Exception as e:
+            # Not the exception's text: it may carry the spooled file's path.
+            log.error("Disposing of a retrieved instance failed: {error}", error=type(e).__name__)
+
+
+class _Answer:
+    """
+    The building request's answer: for a GET, a streaming zip response
+    (fired once the first instance is in the zip), else the stored package
+    once built; or the build's error, while nothing was sent.
+
+    @ivar deferred: fires with the L{ResponseEnvelope}.
+    @ivar builder: the L{harmony.jmix.package.PackageBuilder}, once made.
+    """
+
+    def __init__(self, streaming):
+        self.streaming = streaming
+        self.deferred = defer.Deferred()
+        self.builder = None
+        self.tail = None
+
+    def written(self, committed):
+        """
+        The first C{committed} bytes of the zip are final: answer, or send them.
+        """
+        if self.tail is None:
+            if not self.streaming or self.deferred.called:
+                return  # a HEAD, or nobody listens any more
+            try:
+                self.tail = _ZipTail(self.builder.zip_path)
+            except OSError:
+                log.warn("Cannot stream a JMIX package being built: it is answered once built")
+                self.streaming = False
+                return
+            self.deferred.callback(
+                ResponseEnvelope(
+                    status=200,
+                    headers=[
+                        ("Content-Type", "application/zip"),
+                        ("Content-Disposition", f'attachment; filename="{self.builder.id}.zip"'),
+                    ],
+                    body=self.tail.stream,
+                )
+            )
+        self.tail.advance(committed)
+
+    def built(self, record):
+        if self.tail is not None:
+            self.tail.advance(record.size, final=True)
+        elif not self.deferred.called:
+            from harmony.endpoints.jmix import zip_response
+
+            self.deferred.callback(zip_response(record))
+
+    def failed(self, error):
+        if self.tail is not None:
+            self.tail.fail(UpstreamUnavailable("The package build failed"))
+        elif not self.deferred.called:
+            self.deferred.errback(error)
+
+
+@implementer(IPushProducer)
+class _ZipTail:
+    """
+    Streams a zip while it is written: L{advance} says how much of it is
+    final; that much is read back (from the page cache, on the reactor
+    thread, L{TAIL_CHUNK} at a time) into L{stream} while its consumer keeps
+    up (the stream pauses this producer above L{TAIL_HIGH_WATER}).  The
+    file is opened at once, so it is read even after being moved.
+
+    @ivar stream: the response body.
+    """
+
+    def __init__(self, path):
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.stream = Stream(high_water=TAIL_HIGH_WATER)
+        self._sent = 0
+        self._limit = 0
+        self._final = False
+        self._paused = False
+        self._pumping = False
+        self.stream.attach_producer(self)
+
+    def advance(self, limit, final=False):
+        """
+        The first C{limit} bytes are final (with C{final}: the whole zip).
+        """
+        self._limit = max(self._limit, limit)
+        self._final = self._final or final
+        self._pump()
+
+    def fail(self, error):
+        if self._fd is not None:
+            self._close()
+            self.stream.fail(error)
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self):
+        # The client went away; the build goes on.
+        self._close()
+
+    def _close(self):
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _pump(self):
+        if self._pumping:
+            return  # a resume from inside stream.write: the loop below goes on
+        self._pumping = True
+        try:
+            while not self._paused and self._fd is not None and self._sent < self._limit:
+                try:
+                    data = os.pread(self._fd, min(TAIL_CHUNK, self._limit - self._sent), self._sent)
+                except OSError as e:
+                    log.error("Reading a JMIX package being built failed: {reason}", reason=e.strerror)
+                    data = b""
+                if not data:
+                    self.fail(UpstreamUnavailable("The package could not be read"))
+                    return
+                self._sent += len(data)
+                self.stream.write(data)
+            if self._final and self._fd is not None and self._sent >= self._limit:
+                self._close()
+                self.stream.finish()
+        finally:
+            self._pumping = False

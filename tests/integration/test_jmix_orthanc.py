@@ -19,6 +19,11 @@ relative path; SHA-256 over, for each, the UTF-8 path, C{\\n}, the bytes),
 metadata counts against the data stored, and every DICOM file against
 Orthanc's copy (C{GET /instances/{id}/file}).
 
+The building request gets the zip as it is written (chunked, no
+Content-Length, the local entries in the order the instances came, the
+central directory sorted): what it receives must be, byte for byte, the
+zip the store then serves; a HEAD that builds waits for the package.
+
 "Served from the store without the PACS" is proved by deleting the study
 from Orthanc after the first build: the second request must still be
 answered, with the same package.  Builds are also counted in the gateway's
@@ -104,6 +109,7 @@ LAYOUT = {
     "skip_hashing": (1, 2),
     "skip_listing": (1, 2),
     "skip_both": (1, 2),
+    "head": (1, 2),
 }
 MODALITY_BODY_PART = [("CT", "CHEST"), ("CT", "ABDOMEN"), ("CT", "PELVIS")]
 
@@ -393,6 +399,67 @@ def test_zip_layout(main_build):
         assert name in package.files, (name, sorted(package.files))
     assert len(package.dicom()) == 15, sorted(package.dicom())
     assert all("/.." not in "/" + n and not n.startswith("/") for n in package.names), package.names
+
+
+def local_entry_names(data):
+    """
+    The names of a zip's local entries in file order (what a streaming
+    reader sees), walking the local headers.
+    """
+    import struct
+
+    names, pos = [], 0
+    while data[pos:pos + 4] == b"PK\x03\x04":
+        flags, compressed, name_len, extra_len = (struct.unpack_from("<H", data, pos + 6)[0],
+                                                  *struct.unpack_from("<L", data, pos + 18),
+                                                  *struct.unpack_from("<HH", data, pos + 26))
+        assert not flags & 0x08, "a data descriptor"
+        names.append(data[pos + 30:pos + 30 + name_len].decode())
+        pos += 30 + name_len + extra_len + compressed
+    assert data[pos:pos + 4] == b"PK\x01\x02", "no central directory after the local entries"
+    return names
+
+
+def test_build_is_streamed_and_is_the_stored_zip(gateway, main_build):
+    """
+    The build's answer was streamed (chunked: its length was not known when
+    it started), and is the zip the store serves; its local entries, in the
+    order written, hold every entry the (sorted) central directory lists.
+    """
+    response = main_build.response
+    assert response.header("Content-Length") is None, response
+    assert (response.header("Transfer-Encoding") or "").lower() == "chunked", response
+    stored = get(gateway, f"/jmix/api/jmix/{main_build.id}")
+    assert stored.status == 200 and stored.body == response.body
+    assert int(stored.header("Content-Length")) == len(response.body)
+    names = local_entry_names(response.body)
+    assert sorted(names) == main_build.package.names
+    assert names[:4] == [f"{main_build.id}/schemas/{n}.schema.json" for n in ("audit", "files", "manifest",
+                                                                            "metadata")]
+    assert names[-4:] == [f"{main_build.id}/{n}" for n in ("payload/metadata.json", "payload/files.json",
+                                                           "manifest.json", "audit.json")]
+    # The store keeps the zip alone (no unpacked copy), nothing in its work areas.
+    assert (gateway.store / f"{main_build.id}.zip").is_file()
+    assert not (gateway.store / main_build.id).exists()
+    assert not [p for p in _tree(gateway.store) if p.startswith(".staging/")]
+
+
+def test_head_of_a_build_waits_for_the_package(gateway, studies):
+    """
+    HEAD on the query route builds (once) and answers with the finished
+    package's length; the GET that follows is served from the store.
+    """
+    study = studies.studies["head"]
+    builds = builds_logged(gateway)
+    head = get(gateway, f"/jmix/api/jmix?studyInstanceUid={study.uid}", method="HEAD")
+    assert head.status == 200 and head.body == b"", head
+    package_id = assert_zip_response(head)
+    assert builds_logged(gateway) == builds + 1
+    response = build(gateway, study.uid)
+    assert assert_zip_response(response) == package_id
+    assert head.header("Content-Length") == str(len(response.body)) == response.header("Content-Length")
+    assert builds_logged(gateway) == builds + 1
+    assert len(Package(response.body).dicom()) == 2
 
 
 def test_package_files_match_the_shipped_schemas(main_build):

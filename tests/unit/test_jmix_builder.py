@@ -1,19 +1,26 @@
 """
 The jmix_builder middleware: a stored package answers at once; else one
 request builds it from the backend's retrieve while the others wait for
-that build (synchronous thread pool, no sockets).
+that build.  The building request's answer streams the zip as it is
+written (its central directory once the package is stored); a build that
+fails mid-stream ends the body with an error (the HTTP adapter then aborts
+the connection).  Fake thread pools, synchronous or stepped by hand; no
+sockets.
 """
 
 import gc
 import io
+import json
 import os
+import random
 import shutil
 import zipfile
 
 import pytest
-from test_jmix_package import make_study
+from test_jmix_package import Unzipped, make_study, reference_payload_hash
 from test_jmix_store import FakeReactor
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from _fakes import FakeThreadPool
 from harmony.config.schema import Where
@@ -24,7 +31,7 @@ from harmony.errors import NotFound, UpstreamUnavailable
 from harmony.jmix.store import PackageStore
 from harmony.middleware import jmix_builder
 from harmony.registry import BuildContext
-from harmony.streams import Stream, collect
+from harmony.streams import EOF, Stream, collect
 
 
 class Reactor(FakeReactor):
@@ -34,6 +41,13 @@ class Reactor(FakeReactor):
 
     def getThreadPool(self):
         return self.pool
+
+    def drain(self):
+        """
+        Run the thread pool's work (and what it leads to) until none is left.
+        """
+        while self.pool.pending:
+            self.pool.run()
 
 
 @pytest.fixture
@@ -48,11 +62,12 @@ def setup(tmp_path):
     study, made = make_study(str(tmp_path / "source"))
     yield mw, os.path.abspath(root), study, made, tmp_path
     jmix_endpoint._STORES.pop(os.path.abspath(root), None)
+    reactor.pool.immediate = True
     store.stop()
 
 
-def envelope(root, study):
-    env = RequestEnvelope(details=RequestDetails(method="GET", path="api/jmix", client=("10.0.0.7", 5000)))
+def envelope(root, study, method="GET"):
+    env = RequestEnvelope(details=RequestDetails(method=method, path="api/jmix", client=("10.0.0.7", 5000)))
     env.metadata.update({"jmix_action": "build", "jmix_study_uid": study, "jmix_store": root,
                          "jmix_skip_hashing": "false", "jmix_skip_listing": "false"})
     return env
@@ -67,11 +82,11 @@ def fired(d):
     return out[0]
 
 
-def retrieved(tmp_path, made):
+def retrieved(tmp_path, made, name="spool"):
     """
     The study as a retrieve delivers it: spooled copies with disposers.
     """
-    spool = tmp_path / "spool"
+    spool = tmp_path / name
     spool.mkdir(exist_ok=True)
     disposed, items = [], []
     for n, (_, _, path) in enumerate(made):
@@ -88,6 +103,48 @@ def zip_names(response):
     return sorted(zipfile.ZipFile(io.BytesIO(data)).namelist())
 
 
+class Reader:
+    """
+    Reads a streamed body as its bytes come: C{data} so far; C{ended}:
+    C{False}, C{True} at its end, or the Failure it ended with.
+    """
+
+    def __init__(self, body):
+        self.body = body
+        self.data = bytearray()
+        self.ended = False
+        self._next()
+
+    def _next(self):
+        while not self.ended:
+            d = self.body.read()
+            if not d.called:
+                d.addBoth(self._got)
+                return
+            out = []
+            d.addBoth(out.append)
+            if not self._take(out[0]):
+                return
+
+    def _got(self, item):
+        if self._take(item):
+            self._next()
+
+    def _take(self, item):
+        if item is EOF:
+            self.ended = True
+            return False
+        if isinstance(item, Failure):
+            self.ended = item
+            return False
+        self.data += item
+        return True
+
+
+def listed(root):
+    return sorted(name for name in os.listdir(root) if not name.startswith("index.sqlite3"))
+
+
 def test_build_once_then_served_from_the_store(setup):
     mw, root, study, made, tmp_path = setup
     leader = envelope(root, study)
@@ -100,28 +157,254 @@ def test_build_once_then_served_from_the_store(setup):
     items, disposed = retrieved(tmp_path, made)
     result = DicomResult(status=None, instances=Stream.from_iterable(items), done=defer.succeed((0, None)))
     answer = fired(mw.response(leader, ResponseEnvelope(dicom=result)))
+    assert answer.status == 200
     assert answer.headers.get("content-type") == "application/zip"
+    assert answer.body.length is None  # streamed as it was written: no Content-Length
+    body = fired(collect(answer.body))
     assert len(disposed) == len(made)
-    names = zip_names(answer)
+    names = sorted(zipfile.ZipFile(io.BytesIO(body)).namelist())
     package_id = names[0].split("/")[0]
+    assert answer.headers.get("content-disposition") == f'attachment; filename="{package_id}.zip"'
     assert sum(n.endswith(".dcm") for n in names) == len(made)
+    # What was streamed is the stored package, and nothing else is left.
+    with open(os.path.join(root, package_id + ".zip"), "rb") as f:
+        assert f.read() == body
+    assert listed(root) == sorted([package_id + ".zip", ".locks", ".staging"])
+    assert os.listdir(os.path.join(root, ".staging")) == []
     # The follower gets the same package, without a retrieve of its own.
     shared = fired(waiting)
     assert follower.dicom is None
-    assert zip_names(shared)[0].startswith(package_id)
+    assert shared.body.length == len(body)
+    assert fired(collect(shared.body)) == body
     # Later requests: from the store.
     later = envelope(root, study)
     stored = fired(mw.request(later))
     assert later.dicom is None
     assert stored.headers.get("content-disposition") == f'attachment; filename="{package_id}.zip"'
-    manifest = jmix_endpoint.store_for(root, None)
-    record = fired(manifest.get(package_id))
-    import json
-
-    with open(os.path.join(record.directory, "manifest.json")) as f:
-        doc = json.load(f)
+    record = fired(jmix_endpoint.store_for(root, None).get(package_id))
+    with zipfile.ZipFile(record.zip_path) as zf:
+        doc = json.loads(zf.read(f"{package_id}/manifest.json"))
     assert doc["sender"]["name"] == "Test Site"
     assert doc["requester"]["id"] == "10.0.0.7"
+
+
+def test_the_answer_streams_while_the_package_is_built(setup, monkeypatch):
+    """
+    Step by step: no answer before the first instance is in the zip; then
+    every instance's bytes go out as it is added, while the retrieve goes
+    on; the JSON documents once the retrieve ended; the central directory
+    only once the package is in the store.  What went out is the stored zip.
+    """
+    mw, root, study, made, tmp_path = setup
+    reactor = mw._reactor
+    store = jmix_endpoint.store_for(root, None)
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    assert fired(d) is None
+    items, disposed = retrieved(tmp_path, made)
+    instances, done = Stream(), defer.Deferred()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances, done=done)))
+    reactor.drain()
+    assert not answer.called  # nothing retrieved yet: the status may still be a 404
+    instances.write(items[0])
+    reactor.drain()
+    response = fired(answer)
+    assert response.status == 200 and response.body.length is None
+    body = Reader(response.body)
+    assert body.data and body.ended is False and len(disposed) == 1
+    sizes = [len(body.data)]
+    for item in items[1:]:
+        instances.write(item)
+        reactor.drain()
+        assert body.ended is False
+        sizes.append(len(body.data))
+    assert sizes == sorted(set(sizes)) and len(disposed) == len(made)  # more with every instance
+    # The retrieve ends; the package is finished, but not stored yet.
+    adding, infos = defer.Deferred(), []
+    real_add = store.add
+    monkeypatch.setattr(store, "add", lambda info: infos.append(info) or adding)
+    instances.finish()
+    done.callback((0, None))
+    reactor.drain()
+    (info,) = infos
+    assert body.ended is False
+    assert b"PK\x01\x02" not in body.data  # the JSON documents went, the central directory not
+    with open(info.zip_path, "rb") as f:
+        stored = f.read()
+    assert len(stored) > len(body.data) > sizes[-1]
+    assert stored.startswith(bytes(body.data))
+    # The store takes it: the central directory goes out, the body ends.
+    real_add(info).chainDeferred(adding)
+    reactor.drain()
+    assert body.ended is True
+    assert bytes(body.data) == stored
+    package = Unzipped(info.zip_path)
+    assert sum(rel.startswith("payload/dicom/") for rel in package.files) == len(made)
+    assert package.json("manifest.json")["security"]["payload_hash"] == reference_payload_hash(package.payload())
+
+
+def test_a_build_failing_mid_stream_ends_the_body_with_an_error(setup):
+    """
+    The third instance belongs to another study: the answer has started,
+    so its body fails (the adapter aborts the connection); the waiters get
+    a 502; nothing is stored or left behind; every spooled instance is
+    disposed of and the retrieve's stream cancelled.
+    """
+    mw, root, study, made, tmp_path = setup
+    reactor = mw._reactor
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    fired(d)
+    waiting = mw.request(envelope(root, study))
+    _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
+    items, disposed = retrieved(tmp_path, made[:2] + other + made[2:])
+    instances = Stream()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
+                                                                    done=defer.Deferred())))
+    reactor.drain()
+    for item in items[:3]:
+        instances.write(item)
+        reactor.drain()
+    body = Reader(fired(answer).body)
+    assert len(body.data) > 0
+    assert body.ended is not False and body.ended.check(UpstreamUnavailable)
+    assert "build failed" in body.ended.getErrorMessage()
+    assert instances.cancelled
+    with pytest.raises(UpstreamUnavailable):
+        fired(waiting)
+    assert len(disposed) == 3
+    assert listed(root) == sorted([".locks", ".staging"])
+    assert os.listdir(os.path.join(root, ".staging")) == []
+    # Nothing stuck: the next request builds again.
+    again = envelope(root, study)
+    d = mw.request(again)
+    reactor.drain()
+    assert fired(d) is None and again.dicom is not None
+
+
+def test_a_bad_first_instance_is_an_error_answer(setup):
+    """
+    Before anything was sent the build's failure is an ordinary error
+    answer (502: the PACS sent something that cannot be packaged).
+    """
+    mw, root, study, made, tmp_path = setup
+    leader = envelope(root, study)
+    fired(mw.request(leader))
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not DICOM" * 100)
+    disposed = []
+    item = DicomInstance("1.2", "1.2.3", "1.2.840.10008.1.2.1", None, path=str(junk),
+                         dispose=lambda: disposed.append(1))
+    result = DicomResult(status=None, instances=Stream.from_iterable([item]), done=defer.succeed((0, None)))
+    with pytest.raises(UpstreamUnavailable, match="cannot be packaged"):
+        fired(mw.response(leader, ResponseEnvelope(dicom=result)))
+    assert disposed == [1]
+    assert listed(root) == sorted([".locks", ".staging"])
+
+
+def test_head_gets_the_finished_package(setup):
+    mw, root, study, made, tmp_path = setup
+    leader = envelope(root, study, method="HEAD")
+    fired(mw.request(leader))
+    items, _ = retrieved(tmp_path, made)
+    result = DicomResult(status=None, instances=Stream.from_iterable(items), done=defer.succeed((0, None)))
+    answer = fired(mw.response(leader, ResponseEnvelope(dicom=result)))
+    package_id = answer.headers.get("content-disposition").split('"')[1][:-4]
+    assert answer.body.length == os.path.getsize(os.path.join(root, package_id + ".zip"))
+
+
+def test_a_client_gone_mid_stream_does_not_stop_the_build(setup):
+    mw, root, study, made, tmp_path = setup
+    reactor = mw._reactor
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    fired(d)
+    waiting = mw.request(envelope(root, study))
+    items, disposed = retrieved(tmp_path, made)
+    instances = Stream()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
+                                                                    done=defer.succeed((0, None)))))
+    reactor.drain()
+    instances.write(items[0])
+    reactor.drain()
+    fired(answer).body.cancel()  # the client went away
+    for item in items[1:]:
+        instances.write(item)
+    instances.finish()
+    reactor.drain()
+    shared = fired(waiting)
+    assert len(zipfile.ZipFile(io.BytesIO(fired(collect(shared.body)))).namelist()) == 4 + 4 + 6
+    assert len(disposed) == 6
+
+
+def test_builds_in_different_arrival_orders_have_the_same_payload(setup, tmp_path):
+    """
+    Two builds of the study (two stores), its instances arriving in two
+    different orders: same payload bytes and payload hash, names sorted in
+    both zips, local entries in each arrival order.
+    """
+    mw, root, study, made, _ = setup
+    other_root = str(tmp_path / "store2")
+    reactor = mw._reactor
+    store2 = PackageStore(other_root, reactor=reactor, threadpool=reactor.pool, clock=reactor)
+    store2.ready = store2.start()
+    jmix_endpoint._STORES[other_root] = store2
+    try:
+        packages = []
+        order = list(range(len(made)))
+        random.Random(3).shuffle(order)
+        for n, (store_root, sequence) in enumerate(((root, made), (other_root, [made[i] for i in order]))):
+            leader = envelope(store_root, study)
+            fired(mw.request(leader))
+            items, _ = retrieved(tmp_path, sequence, name=f"spool{n}")
+            result = DicomResult(status=None, instances=Stream.from_iterable(items), done=defer.succeed((0, None)))
+            body = fired(collect(fired(mw.response(leader, ResponseEnvelope(dicom=result))).body))
+            path = tmp_path / f"build{n}.zip"
+            path.write_bytes(body)
+            packages.append(Unzipped(str(path)))
+        first, second = packages
+        assert first.id != second.id
+        assert first.payload() == second.payload()
+        hashes = {p.json("manifest.json")["security"]["payload_hash"] for p in packages}
+        assert hashes == {reference_payload_hash(first.payload())}
+        for package in packages:
+            relative = [name.split("/", 1)[1] for name in package.names]
+            assert relative == sorted(relative)
+    finally:
+        jmix_endpoint._STORES.pop(other_root, None)
+        store2.stop()
+
+
+def test_the_retrieve_is_not_read_far_ahead_of_the_builder(setup, monkeypatch):
+    mw, root, study, made, tmp_path = setup
+    monkeypatch.setattr(jmix_builder, "MAX_QUEUED", 2)
+    reactor = mw._reactor
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    fired(d)
+    items, disposed = retrieved(tmp_path, made)
+    pulled = []
+
+    def pull():
+        pulled.append(1)
+        return items[len(pulled) - 1] if len(pulled) <= len(items) else EOF
+
+    result = DicomResult(status=None, instances=Stream(pull=pull), done=defer.succeed((0, None)))
+    answer = mw.response(leader, ResponseEnvelope(dicom=result))
+    reactor.pool.run()  # the staging area
+    reactor.pool.run()  # the builder
+    assert len(pulled) == 3 and not disposed  # one being added, two waiting: no more read
+    reactor.drain()
+    assert len(disposed) == len(made)
+    assert zip_names(fired(answer))
 
 
 def test_study_missing_on_the_pacs_is_404_for_everyone(setup):
@@ -134,6 +417,7 @@ def test_study_missing_on_the_pacs_is_404_for_everyone(setup):
         fired(mw.response(leader, ResponseEnvelope(dicom=empty)))
     with pytest.raises(NotFound):
         fired(waiting)
+    assert listed(root) == sorted([".locks", ".staging"])
 
 
 def test_pacs_error_reaches_the_waiters(setup):

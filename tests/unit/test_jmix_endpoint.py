@@ -123,3 +123,49 @@ def test_work_areas_left_by_a_crash_are_cleared(tmp_path):
     other.remove()
     assert os.listdir(root / ".upload") == []
     result_of(store.stop())
+
+
+def test_an_upload_is_stored_as_its_zip_and_its_manifest_read_from_it(tmp_path):
+    """
+    The store keeps zips only: an upload is extracted and validated in a
+    work area, then only its zip moves into the store; the manifest route
+    reads the zip.
+    """
+    from test_jmix_builder import Reactor, fired
+    from test_jmix_package import NOW, make_study
+
+    from harmony.jmix.package import build_package
+    from harmony.jmix.store import PackageStore
+
+    reactor = Reactor()
+    ep = endpoint(tmp_path)
+    ep._reactor = reactor
+    store = PackageStore(ep.store_root, reactor=reactor, threadpool=reactor.pool, clock=reactor)
+    store.ready = store.start()
+    jmix._STORES[ep.store_root] = store
+    try:
+        _, made = make_study(str(tmp_path / "spool"), series=(("CT_small.dcm", 2, None),))
+        info = build_package([p for _, _, p in made], str(tmp_path / "built"), now=NOW)
+        with open(info.zip_path, "rb") as f:
+            body = f.read()
+        env = RequestEnvelope(details=RequestDetails(method="POST", path="api/jmix",
+                                                     headers=[("Content-Type", "application/zip")]), body=body)
+        response = fired(ep._serve(ep._upload(env)))
+        assert (response.status, json.loads(response.body)) == (201, {"id": info.id, "status": "stored"})
+        assert sorted(os.listdir(ep.store_root)) == sorted(
+            [info.id + ".zip", ".locks", ".upload"] + [n for n in os.listdir(ep.store_root) if n.startswith("index")]
+        )
+        assert os.listdir(os.path.join(ep.store_root, ".upload")) == []
+        with open(os.path.join(ep.store_root, info.id + ".zip"), "rb") as f:
+            assert f.read() == body
+        record = fired(store.get(info.id))
+        assert (record.study_uid, record.payload_hash, record.size) == (info.study_uid, info.payload_hash, len(body))
+        manifest = fired(ep._serve(ep._manifest(info.id)))
+        assert manifest.status == 200
+        assert json.loads(manifest.body)["security"]["payload_hash"] == info.payload_hash
+        again = RequestEnvelope(details=RequestDetails(method="POST", path="api/jmix",
+                                                       headers=[("Content-Type", "application/zip")]), body=body)
+        assert fired(ep._serve(ep._upload(again))).status == 409
+    finally:
+        jmix._STORES.pop(ep.store_root, None)
+        store.stop()

@@ -58,16 +58,18 @@ def new_id():
     return str(uuid.uuid4())
 
 
-def place(store, package_id=None, size=100, content=b"zip"):
+def place(store, package_id=None, size=100, content=b"zip", legacy=False):
     """
-    Put a package's directory and zip in the store (as the builder or an
-    upload does); its info for L{PackageStore.add}.
+    Put a package's zip in the store (as the builder or an upload does);
+    with C{legacy}, also the unpacked directory earlier versions kept next
+    to it.  Returns its id.
     """
     package_id = package_id or new_id()
-    directory = store.dir_for(package_id)
-    os.makedirs(os.path.join(directory, "payload", "dicom"))
-    with open(os.path.join(directory, "manifest.json"), "w") as f:
-        f.write("{}")
+    if legacy:
+        directory = store.dir_for(package_id)
+        os.makedirs(os.path.join(directory, "payload", "dicom"))
+        with open(os.path.join(directory, "manifest.json"), "w") as f:
+            f.write("{}")
     with open(store.zip_for(package_id), "wb") as f:
         f.write(content)
     return package_id
@@ -84,8 +86,8 @@ def make_store(tmp_path, pool=None, reactor=None, **kwargs):
     return store
 
 
-def add(store, study="1.2.3", size=100, package_id=None):
-    package_id = place(store, package_id)
+def add(store, study="1.2.3", size=100, package_id=None, legacy=False):
+    package_id = place(store, package_id, legacy=legacy)
     result_of(store.add(info(package_id, study=study, size=size)))
     return package_id
 
@@ -235,8 +237,11 @@ def test_add_and_get(store, reactor):
     assert got.size == 1234
     assert got.payload_hash == "sha256:ab"
     assert got.zip_path == store.zip_for(package_id)
-    assert got.directory == store.dir_for(package_id)
     assert result_of(store.get(new_id())) is None
+    # The zip is the package: nothing else is written or needed.
+    assert sorted(os.listdir(store.root)) == sorted([package_id + ".zip", ".locks"] + [
+        name for name in os.listdir(store.root) if name.startswith("index.sqlite3")
+    ])
 
 
 def test_add_without_files_fails(store):
@@ -275,30 +280,39 @@ def test_same_created_time_newest_is_added_last(store):
     assert [r.id for r in result_of(store.list_for_study("1.2.3"))] == [second, first]
 
 
-def test_missing_zip_is_not_served_and_row_removed(store):
-    package_id = add(store)
-    os.unlink(store.zip_for(package_id))
-    assert result_of(store.get(package_id)) is None
-    assert not os.path.exists(store.dir_for(package_id))
-    assert result_of(store.exists(package_id)) is False
-
-
-def test_missing_directory_is_not_served(store, reactor):
+def test_missing_zip_is_not_served_and_row_removed(store, reactor):
     older = add(store)
     reactor.advance(5)
-    newer = add(store)
-    shutil.rmtree(store.dir_for(newer))
-    # The newest intact package is served instead.
+    newer = add(store, legacy=True)
+    os.unlink(store.zip_for(newer))
+    # The newest intact package is served instead; what is left of the
+    # other goes with its row.
     assert result_of(store.newest_for_study("1.2.3")).id == older
     assert result_of(store.get(newer)) is None
-    assert not os.path.exists(store.zip_for(newer))
+    assert not os.path.exists(store.dir_for(newer))
+    assert result_of(store.exists(newer)) is False
     assert [r.id for r in result_of(store.list_for_study("1.2.3"))] == [older]
+
+
+def test_a_legacy_directory_is_not_needed_and_goes_with_its_package(store):
+    """
+    Earlier versions kept an unpacked copy next to the zip: a package
+    whose copy is gone is still served, and one with a copy loses it when
+    removed.
+    """
+    without = add(store, legacy=True)
+    shutil.rmtree(store.dir_for(without))
+    assert result_of(store.get(without)).zip_path == store.zip_for(without)
+    with_copy = add(store, legacy=True)
+    assert result_of(store.get(with_copy)) is not None
+    assert result_of(store.remove(with_copy)) is True
+    assert not os.path.exists(store.dir_for(with_copy)) and not os.path.exists(store.zip_for(with_copy))
 
 
 def test_exists(store):
     indexed = add(store)
     assert result_of(store.exists(indexed)) is True
-    # A directory alone (an upload or build in progress, or an orphan).
+    # A directory alone (an earlier version's unpacked copy, or an orphan).
     being_written = new_id()
     os.makedirs(store.dir_for(being_written))
     assert result_of(store.exists(being_written)) is True
@@ -311,7 +325,7 @@ def test_exists(store):
 
 
 def test_remove(store):
-    package_id = add(store)
+    package_id = add(store, legacy=True)
     assert result_of(store.remove(package_id)) is True
     assert not os.path.exists(store.zip_for(package_id))
     assert not os.path.exists(store.dir_for(package_id))
@@ -428,7 +442,7 @@ def test_build_once_synchronous_build_and_raise(store):
 
 def test_prune_by_ttl(tmp_path, reactor):
     store = make_store(tmp_path, reactor=reactor, ttl_secs=100)
-    old = add(store)
+    old = add(store, legacy=True)
     reactor.advance(60)
     young = add(store)
     assert result_of(store.prune()) == []
@@ -471,8 +485,8 @@ def test_size_cap_keeps_the_last_package(tmp_path, reactor):
 
 def test_prune_cleans_old_orphans_and_spares_young_ones(store):
     kept = add(store)
-    # A directory without a row (a crashed build) and a zip without its
-    # directory or row ...
+    # A directory without a row (an earlier version's crashed build) and a
+    # zip without a row ...
     crashed = new_id()
     os.makedirs(os.path.join(store.dir_for(crashed), "payload", "dicom"))
     lone_zip = new_id()
@@ -520,8 +534,8 @@ def test_add_prunes_old_orphans(store):
 
 def test_orphan_age_is_its_newest_part(store):
     """
-    A long build's top directory may be old while files still arrive in
-    payload/dicom: not an orphan yet.
+    A package directory (as earlier versions wrote them) whose top may be
+    old while files still arrive in payload/dicom: not an orphan yet.
     """
     building = new_id()
     dicom = os.path.join(store.dir_for(building), "payload", "dicom")
@@ -1035,7 +1049,6 @@ def test_another_process_builds_this_one_waits_and_gets_its_package(tmp_path):
             say("building")
             sys.stdin.readline()  # the test says when
             package_id = "0b0b0b0b-0000-4000-8000-000000000001"
-            os.makedirs(os.path.join(store.dir_for(package_id), "payload", "dicom"))
             with open(store.zip_for(package_id), "wb") as f:
                 f.write(b"zip")
 
@@ -1137,7 +1150,6 @@ def test_processes_adding_at_once_share_one_index(tmp_path):
 
         for _ in range(n):
             Info.id = str(uuid.uuid4())
-            os.makedirs(os.path.join(store.dir_for(Info.id), "payload", "dicom"))
             with open(store.zip_for(Info.id), "wb") as f:
                 f.write(b"zip")
             store.add(Info()).addBoth(out.append)

@@ -10,7 +10,10 @@ import stat
 import struct
 import uuid
 import zipfile
+import zlib
+from types import SimpleNamespace
 
+import attr
 import pytest
 from jsonschema import Draft202012Validator
 from test_jmix_package import NOW, make_study
@@ -21,14 +24,25 @@ from harmony.jmix.package import build_package
 from harmony.jmix.validate import load_schema, safe_extract, validate_package
 
 
+def unpacked(info, directory):
+    """
+    A built package (its L{PackageInfo}) with C{directory}: its zip
+    unpacked there by C{zipfile} (the package root, named by its id).
+    """
+    with zipfile.ZipFile(info.zip_path) as zf:
+        zf.extractall(directory)
+    return SimpleNamespace(**attr.asdict(info), directory=os.path.join(str(directory), info.id))
+
+
 @pytest.fixture
 def built(tmp_path):
     """
-    A package built from a generated study: (PackageInfo, [(series, sop, spool path)]).
+    A package built from a generated study, unpacked:
+    (L{unpacked}, [(series, sop, spool path)]).
     """
     _, made = make_study(str(tmp_path / "spool"))
     info = build_package([p for _, _, p in made], str(tmp_path / "out"), now=NOW)
-    return info, made
+    return unpacked(info, tmp_path / "unpacked"), made
 
 
 def _write_json(path, obj):
@@ -104,7 +118,8 @@ def test_valid_skip_options(tmp_path):
         [{"skip_hashing": True}, {"skip_listing": True}, {"skip_hashing": True, "skip_listing": True}]
     ):
         _, made = make_study(str(tmp_path / ("spool%d" % n)), series=(("CT_small.dcm", 2, None),))
-        info = build_package([p for _, _, p in made], str(tmp_path / ("out%d" % n)), **options)
+        info = unpacked(build_package([p for _, _, p in made], str(tmp_path / ("out%d" % n)), **options),
+                        tmp_path / ("unpacked%d" % n))
         assert validate_package(info.directory) == []
 
 
@@ -126,7 +141,8 @@ def test_tampered_dicom_names_file(built):
 
 def test_tampered_without_file_hashes_caught_by_payload_hash(tmp_path):
     _, made = make_study(str(tmp_path / "spool"), series=(("CT_small.dcm", 2, None),))
-    info = build_package([p for _, _, p in made], str(tmp_path / "out"), skip_hashing=True)
+    info = unpacked(build_package([p for _, _, p in made], str(tmp_path / "out"), skip_hashing=True),
+                    tmp_path / "unpacked")
     path = os.path.join(info.directory, "payload", "dicom", made[0][0], made[0][1] + ".dcm")
     with open(path, "r+b") as f:
         f.seek(300)
@@ -217,7 +233,8 @@ def test_unusual_names_are_not_quoted(built):
 
 def test_skip_listing_allows_unlisted_instances(tmp_path):
     _, made = make_study(str(tmp_path / "spool"), series=(("CT_small.dcm", 2, None),))
-    info = build_package([p for _, _, p in made], str(tmp_path / "out"), skip_listing=True)
+    info = unpacked(build_package([p for _, _, p in made], str(tmp_path / "out"), skip_listing=True),
+                    tmp_path / "unpacked")
     with open(os.path.join(info.directory, "payload", "dicom", made[0][0], "9.9.dcm"), "wb") as f:
         f.write(b"more")
     # not an "unlisted" complaint, but the payload hash no longer matches
@@ -265,11 +282,61 @@ def test_extract_round_trip(built, tmp_path):
     assert root == os.path.join(os.path.realpath(str(dest)), info.id)
     assert validate_package(root) == []
     assert os.listdir(str(parent)) == ["dest"]
-    for dirpath, _, filenames in os.walk(info.directory):
-        for name in filenames:
-            src = os.path.join(dirpath, name)
-            with open(src, "rb") as a, open(os.path.join(root, os.path.relpath(src, info.directory)), "rb") as b:
-                assert a.read() == b.read()
+    with zipfile.ZipFile(info.zip_path) as zf:
+        names = zf.namelist()
+        for name in names:
+            with open(os.path.join(os.path.dirname(root), *name.split("/")), "rb") as f:
+                assert f.read() == zf.read(name)
+    extracted = [os.path.relpath(os.path.join(d, n), os.path.dirname(root)) for d, _, ns in os.walk(root) for n in ns]
+    assert sorted(extracted) == sorted(names)
+
+
+def test_harmony_zips_with_entries_in_arrival_order_are_accepted(tmp_path):
+    """
+    Harmony writes a package's local entries in the order the instances
+    came and lists them sorted in the central directory: extraction and
+    validation take it, whatever the order; tampering with one entry's
+    bytes in place (same size, CRC not updated, or updated) is refused.
+    """
+    _, made = make_study(str(tmp_path / "spool"))
+    paths = [p for _, _, p in made]
+    for n, order in enumerate((paths, paths[::-1], paths[2:] + paths[:2])):
+        info = build_package(order, str(tmp_path / ("out%d" % n)), now=NOW)
+        _, dest = _only_dest(tmp_path / ("x%d" % n))
+        root = safe_extract(info.zip_path, str(dest), max_bytes=50 << 20, max_files=100)
+        assert validate_package(root) == []
+    # One byte of an instance flipped inside the zip, in place.
+    victim = "%s/payload/dicom/%s/%s.dcm" % (info.id, made[1][0], made[1][1])
+    with zipfile.ZipFile(info.zip_path) as zf:
+        entry = zf.getinfo(victim)
+        start = entry.header_offset + 30 + len(entry.filename.encode())
+    with open(info.zip_path, "r+b") as f:
+        f.seek(start + entry.file_size - 1)
+        byte = f.read(1)
+        f.seek(start + entry.file_size - 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    _, dest = _only_dest(tmp_path / "flipped")
+    with pytest.raises(BadRequest, match="corrupt"):
+        safe_extract(info.zip_path, str(dest), max_bytes=50 << 20, max_files=100)
+    # The same with its CRC fixed too: extracted, then the hashes refuse it.
+    with open(info.zip_path, "rb") as f:
+        data = bytearray(f.read())
+    body = bytes(data[start:start + entry.file_size])
+    crc = struct.pack("<L", zlib.crc32(body))
+    data[entry.header_offset + 14:entry.header_offset + 18] = crc
+    position = 0
+    while True:  # its central directory record
+        position = data.index(b"PK\x01\x02", position)
+        name_len = struct.unpack_from("<H", data, position + 28)[0]
+        if bytes(data[position + 46:position + 46 + name_len]).decode() == victim:
+            data[position + 16:position + 20] = crc
+            break
+        position += 4
+    fixed = tmp_path / "fixed.zip"
+    fixed.write_bytes(bytes(data))
+    _, dest = _only_dest(tmp_path / "fixed")
+    root = safe_extract(str(fixed), str(dest), max_bytes=50 << 20, max_files=100)
+    assert "payload/dicom/%s/%s.dcm: sha256 mismatch" % (made[1][0], made[1][1]) in validate_package(root)
 
 
 def test_not_a_zip(tmp_path):

@@ -152,7 +152,7 @@ def test_the_waiters_of_a_worker_share_its_wait(workers):
 def test_two_uploads_of_one_package_at_once_the_second_is_a_conflict(tmp_path, monkeypatch):
     """
     Two workers (or threads) checked that the id is free, then both move
-    their upload in: the second gets a 409, the first's files stay.
+    their upload's zip in: the second gets a 409, the first's zip stays.
     """
     import json
 
@@ -174,10 +174,12 @@ def test_two_uploads_of_one_package_at_once_the_second_is_a_conflict(tmp_path, m
     first, second = upload(1), upload(2)
     info = jmix_endpoint._place(*first, store, package_id)
     assert info.id == package_id
-    real_exists = os.path.exists
-    monkeypatch.setattr(os.path, "exists", lambda p: False if package_id in str(p) else real_exists(p))
+    # The second checked before the first moved its zip in.
+    real_lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda p: False if package_id in str(p) else real_lexists(p))
     with pytest.raises(Conflict):
         jmix_endpoint._place(*second, store, package_id)
     monkeypatch.undo()
     with open(store.zip_for(package_id), "rb") as f:
         assert f.read() == b"zip 1"
+    assert os.path.exists(second[1])  # the loser's zip stays in its work area (removed with it)
