@@ -451,6 +451,9 @@ def main(argv=None):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     root.privilegedStartService()
     reactor.callWhenRunning(root.startService)
+    # Ctrl-C in a terminal reaches the whole process group: worker 0 stops
+    # the workers (SIGTERM, after its own listeners), not the keyboard.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     _watch_parent(reactor, parent, reactor.stop)
     reactor.run()
