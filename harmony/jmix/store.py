@@ -11,6 +11,7 @@ Layout under the root::
                                 the zip: not needed, removed with its package
     <root>/.locks/<h>.lock      one study's build lock (h: the first 32 hex digits of the
                                 SHA-256 of its Study Instance UID; no UID in a path)
+    <root>/.locks/index.flock   held by a process while it opens the index
     <root>/.staging/<n>/        work areas (L{PackageStore.open_work_area}): a build's
     <root>/.upload/<n>/         zip being written, an upload being checked; each with <n>.lock
                                 next to it, locked while the area is in use
@@ -115,6 +116,9 @@ INDEX_NAME = "index.sqlite3"
 DIR_MODE = 0o750
 #: Build locks, one file per study being built.
 LOCKS_DIR = ".locks"
+#: Under LOCKS_DIR: held while a process opens the index (never removed:
+#: not a "*.lock" the clean-up of unused build locks looks at).
+INDEX_LOCK = "index.flock"
 #: Work areas: C{kind} -> directory (L{PackageStore.open_work_area}).
 WORK_AREAS = {"staging": ".staging", "upload": ".upload"}
 #: How often a process waiting for another process's build tries its lock.
@@ -689,21 +693,19 @@ class PackageStore:
         os.makedirs(os.path.join(self.root, LOCKS_DIR), DIR_MODE, exist_ok=True)
         conn = sqlite3.connect(self.index_path, check_same_thread=False, timeout=BUSY_TIMEOUT_SECS)
         try:
-            # Switching a new index to WAL does not wait for the busy
-            # timeout when another worker is opening it too: try again.
-            deadline = time.monotonic() + BUSY_TIMEOUT_SECS
-            while True:
-                try:
+            # Switching a new index to WAL does not wait for sqlite's busy
+            # timeout ("database is locked" at once when another worker
+            # opens it at the same time, seen with 8): the processes
+            # sharing the store take turns (a file lock, held in this
+            # thread until the index is ready).
+            with open(os.path.join(self.root, LOCKS_DIR, INDEX_LOCK), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError as e:
-                    if "locked" not in str(e) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.01)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            with conn:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+                conn.execute("PRAGMA synchronous=NORMAL")
+                with conn:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
         except BaseException:
             conn.close()
             raise

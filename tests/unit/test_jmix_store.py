@@ -1172,41 +1172,40 @@ def test_processes_adding_at_once_share_one_index(tmp_path):
     assert len(result_of(store.list_for_study("1.2.3"))) == 40
 
 
-def test_opening_retries_while_another_process_switches_the_index_to_wal(tmp_path, reactor, monkeypatch):
+def test_opening_waits_while_another_process_opens_the_index(tmp_path, reactor):
     """
-    Workers starting together on a new directory: switching the index to
-    WAL can fail at once with "database is locked" (sqlite applies no busy
-    timeout there; seen with 8 processes opening at once): it is tried
-    again.
+    Workers starting together on a new directory take turns to open the
+    index (switching it to WAL does not wait for sqlite's busy timeout:
+    "database is locked" at once, seen with 8 processes): a process
+    holding the index lock delays this one's opening until it lets go.
     """
-    real_connect = sqlite3.connect
-    refusals = []
-
-    class Connection:
-        def __init__(self, *args, **kwargs):
-            self._conn = real_connect(*args, **kwargs)
-
-        def execute(self, sql, *args):
-            if sql == "PRAGMA journal_mode=WAL" and len(refusals) < 3:
-                refusals.append(sql)
-                raise sqlite3.OperationalError("database is locked")
-            return self._conn.execute(sql, *args)
-
-        def __enter__(self):
-            return self._conn.__enter__()
-
-        def __exit__(self, *exc_info):
-            return self._conn.__exit__(*exc_info)
-
-        def close(self):
-            self._conn.close()
-
-    monkeypatch.setattr(store_module.sqlite3, "connect", Connection)
-    store = PackageStore(tmp_path / "jmix", reactor=reactor, threadpool=FakeThreadPool())
-    result_of(store.start())
-    assert len(refusals) == 3
+    root = tmp_path / "jmix"
+    (root / ".locks").mkdir(parents=True)
+    proc = child(
+        """
+        import fcntl, time
+        f = open(sys.argv[1], "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        say("locked")
+        time.sleep(0.5)
+        """,
+        root / ".locks" / store_module.INDEX_LOCK,
+    )
+    try:
+        expect(proc, "locked")
+        store = PackageStore(root, reactor=reactor, threadpool=FakeThreadPool())
+        started = time.monotonic()
+        result_of(store.start())
+        assert time.monotonic() - started >= 0.3
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
     add(store, study=STUDY)
     assert len(result_of(store.list_for_study(STUDY))) == 1
-    conn = real_connect(store.index_path)
+    conn = sqlite3.connect(store.index_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+    # The clean-up of unused build locks leaves it alone.
+    result_of(store.prune())
+    assert (root / ".locks" / store_module.INDEX_LOCK).exists()
