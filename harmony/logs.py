@@ -19,7 +19,9 @@ milliseconds), C{level}, C{namespace}, C{message} (the formatted text),
 C{error_type} and C{traceback} for failures, and the event's structured
 fields whose keys are in L{SAFE_FIELDS} and whose values are plain
 (string, number, boolean, null, or a table of those): fields a module
-passes but does not put in its message never leak through JSON.
+passes but does not put in its message never leak through JSON.  In
+the worker processes other than the first (C{[proxy] workers}), every
+JSON line also has C{worker} (its index, L{set_worker}).
 """
 
 import atexit
@@ -200,7 +202,7 @@ def _http_access_json(event, s=_json_string):
     return (
         '{"timestamp": "%s", "level": "info", "namespace": "harmony.access", "message": %s, "access": "http",'
         ' "method": %s, "path": %s, "status": %d, "bytes": %d, "duration_ms": %r, "client": %s, "network": %s,'
-        ' "pipeline": %s, "request_id": %s, "aborted": %s}\n'
+        ' "pipeline": %s, "request_id": %s, "aborted": %s%s}\n'
         % (
             iso_utc(event["log_time"]),
             s(event[TEXT]),
@@ -214,6 +216,7 @@ def _http_access_json(event, s=_json_string):
             s(event["pipeline"]),
             s(event["request_id"]),
             "true" if event["aborted"] else "false",
+            _worker_json[0],
         )
     )
 
@@ -244,7 +247,24 @@ def format_json(event):
             out["traceback"] = failure.getTraceback()
         except Exception:
             out["traceback"] = "(no traceback)"
+    if _worker[0] is not None:
+        out["worker"] = _worker[0]
     return _encode(out) + "\n"
+
+
+#: This process's worker index (None: the first process, or the only one),
+#: and its JSON field as the HTTP access fast path appends it.
+_worker = [None]
+_worker_json = [""]
+
+
+def set_worker(index):
+    """
+    Mark this process's JSON lines with C{"worker": index} (a worker
+    process other than the first; C{None}: no mark).
+    """
+    _worker[0] = index
+    _worker_json[0] = "" if index is None else ', "worker": %d' % index
 
 
 _FORMATTERS = {"text": format_text, "json": format_json}

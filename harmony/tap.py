@@ -524,6 +524,7 @@ def build_worker(reactor, config_path, index, adopted):
     registry = default_registry()
     config = load_config(config_path, registry)
     logs.configure(config.logging)
+    logs.set_worker(index)
     observers = [logs.twistd_observer(None, reactor)]
     if config.logging.log_to_file:
         logs.add_file(config.resolve_path(config.logging.log_file_path))

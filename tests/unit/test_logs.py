@@ -390,3 +390,19 @@ def test_batching_observer_limit():
     assert 200 <= len(out.getvalue()) < 5 * 100
     observer.flush()
     assert out.getvalue().count("\n") == 5
+
+
+def test_worker_processes_mark_their_json_lines(events):
+    logs.set_worker(2)
+    try:
+        logs.http_access("GET", "/a", 200, 1, 0.001, "127.0.0.1", "main", "api", "r1")
+        [event] = _access(events)
+        fast = json.loads(logs.format_json(event))
+        general = json.loads(logs.format_json(dict(event, access="other")))
+        assert fast["worker"] == 2 and general["worker"] == 2
+        assert list(fast.items()) == list(dict(general, access="http").items())
+        assert json.loads(logs.format_json(_event("x")))["worker"] == 2
+    finally:
+        logs.set_worker(None)
+    assert "worker" not in json.loads(logs.format_json(_event("x")))
+    assert "worker" not in json.loads(logs.format_json(event))
