@@ -1217,7 +1217,7 @@ def _encode_text_dataset(dataset, implicit):
     or numeric values, raw elements, other character sets), which pydicom
     then encodes.
     """
-    from pydicom.dataelem import DataElement
+    from pydicom.dataelem import DataElement, RawDataElement
     from pydicom.multival import MultiValue
 
     charset = dataset.get("SpecificCharacterSet", "")
@@ -1233,6 +1233,14 @@ def _encode_text_dataset(dataset, implicit):
     pack = struct.pack
     for tag in sorted(dataset.keys()):
         elem = dataset.get_item(tag)
+        if type(elem) is RawDataElement:
+            # Received and never converted (a relayed query): its bytes as
+            # they came, when they need no conversion.
+            raw = _raw_element(elem, implicit)
+            if raw is None:
+                return None
+            out.append(raw)
+            continue
         if type(elem) is not DataElement:
             return None
         vr = elem.VR
@@ -1264,6 +1272,40 @@ def _encode_text_dataset(dataset, implicit):
             out.append(pack("<HH2sH", group, element, vr.encode("ascii"), len(data)))
         out.append(data)
     return b"".join(out)
+
+
+def _raw_element(elem, implicit):
+    """
+    The little endian encoding of a raw (unconverted) element in the VR
+    convention C{implicit}, or C{None} when pydicom must convert it (big
+    endian, an undefined or deferred length, a VR the dictionary cannot
+    give, a sequence changing VR convention).
+    """
+    from pydicom.datadict import dictionary_VR
+
+    value = elem.value
+    data = b"" if value is None else value
+    if not elem.is_little_endian or elem.length != len(data) or not isinstance(data, bytes):
+        return None
+    tag = elem.tag
+    group, element = tag >> 16, tag & 0xFFFF
+    vr = elem.VR
+    if elem.is_implicit_VR != implicit:
+        if vr is None:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                return None
+        if vr == "SQ" or len(vr) != 2:
+            # Items inside would keep the other convention; "US or SS"...
+            return None
+    if implicit:
+        return struct.pack("<HHI", group, element, len(data)) + data
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2s2xI", group, element, vr.encode("ascii"), len(data)) + data
+    if len(data) > 0xFFFF:
+        return None
+    return struct.pack("<HH2sH", group, element, vr.encode("ascii"), len(data)) + data
 
 
 #: Where a received identifier keeps the bytes it was decoded from.
