@@ -81,6 +81,7 @@ from dimse_query import (  # noqa: E402  (the helpers of the DIMSE query benchma
     getscu_run,
     percentile,
     pin,
+    print_failure,
     print_setup,
     read_status,
     reset_hwm,
@@ -882,10 +883,7 @@ def main():
                         print(f"    {line}")
         return 0
     except BenchFailure as e:
-        print(f"\n*** BENCHMARK FAILED: {e}", flush=True)
-        for title, path in e.logs:
-            print(f"--- {title} ({path}) ---")
-            print(tail(path))
+        print_failure(e)
         return 1
     finally:
         for t in targets:

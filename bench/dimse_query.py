@@ -207,6 +207,16 @@ def tail(path, n=4000):
         return f"(cannot read {path}: {e})"
 
 
+def print_failure(error):
+    """
+    Report a L{BenchFailure}: its reason, then the end of each log it names.
+    """
+    print(f"\n*** BENCHMARK FAILED: {error}", flush=True)
+    for title, path in error.logs:
+        print(f"--- {title} ({path}) ---")
+        print(tail(path))
+
+
 class Harmony:
     """twistd harmony as a child process (pinned), its output in a log file."""
 
@@ -798,10 +808,7 @@ def main():
               f"{fmt_mib(read_status(harmony.pid, 'VmRSS'))}")
         return 0
     except BenchFailure as e:
-        print(f"\n*** BENCHMARK FAILED: {e}", flush=True)
-        for title, path in e.logs:
-            print(f"--- {title} ({path}) ---")
-            print(tail(path))
+        print_failure(e)
         return 1
     finally:
         if harmony is not None:

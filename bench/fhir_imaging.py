@@ -64,6 +64,7 @@ from dimse_query import (  # noqa: E402  (the helpers of the DIMSE query benchma
     fmt_mib,
     free_port,
     percentile,
+    print_failure,
     print_setup,
     read_status,
     reset_hwm,
@@ -477,12 +478,7 @@ def main():
         report(ctx)
         return 0
     except BenchFailure as e:
-        from dimse_query import tail
-
-        print(f"\n*** BENCHMARK FAILED: {e}", flush=True)
-        for title, path in e.logs:
-            print(f"--- {title} ({path}) ---")
-            print(tail(path))
+        print_failure(e)
         return 1
     finally:
         if harmony is not None:
