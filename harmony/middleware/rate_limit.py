@@ -103,6 +103,20 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # -- the core ------------------------------------------------------------------
 
 
+def _check_buckets(rate, burst, max_keys):
+    """
+    The arguments L{TokenBuckets} and L{SharedTokenBuckets} take.
+
+    @raise ValueError: one is out of range.
+    """
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    if burst < 1:
+        raise ValueError("burst must be >= 1")
+    if max_keys < 1:
+        raise ValueError("max_keys must be >= 1")
+
+
 class TokenBuckets:
     """
     Token buckets by key, at most C{max_keys} of them (least recently used
@@ -114,12 +128,7 @@ class TokenBuckets:
     """
 
     def __init__(self, rate, burst, max_keys):
-        if rate <= 0:
-            raise ValueError("rate must be > 0")
-        if burst < 1:
-            raise ValueError("burst must be >= 1")
-        if max_keys < 1:
-            raise ValueError("max_keys must be >= 1")
+        _check_buckets(rate, burst, max_keys)
         self.rate = float(rate)
         self.burst = float(burst)
         self.max_keys = max_keys
@@ -220,12 +229,7 @@ class SharedTokenBuckets:
     _SLOT = struct.Struct("=Qdd")
 
     def __init__(self, path, rate, burst, max_keys):
-        if rate <= 0:
-            raise ValueError("rate must be > 0")
-        if burst < 1:
-            raise ValueError("burst must be >= 1")
-        if max_keys < 1:
-            raise ValueError("max_keys must be >= 1")
+        _check_buckets(rate, burst, max_keys)
         self.path = os.fspath(path)
         self.rate = float(rate)
         self.burst = float(burst)
