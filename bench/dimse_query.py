@@ -882,7 +882,8 @@ def report_gets(runs, getscu, reason, rss_before, peak):
               f"{size / MiB / s:8.1f}  [{ordered[0][2] / MiB / ordered[0][0]:.1f}.."
               f"{ordered[-1][2] / MiB / ordered[-1][0]:.1f}]")
     print("  (MiB: Part 10 bytes received, as stored by the client; s: connect to release (DicomClient) or the "
-          "getscu process; the median round; Harmony spools each instance from Orthanc to disk and relays it)")
+          "getscu process; the median round; Harmony holds each instance from Orthanc in memory "
+          "(relay_memory_mib, default 16 MiB per retrieve; a spool file beyond) and relays it)")
     if reason is not None:
         print(f"  C-GET through Harmony: not available in this build ({reason})")
         if runs.get("harmony"):

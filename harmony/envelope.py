@@ -214,6 +214,10 @@ class DicomRequest:
     @ivar user_identity: the peer's User Identity negotiation item
         (L{harmony.dimse.pdu.UserIdentityRQ}), passed through to a PACS a
         C{dicom_scu} backend associates with; never logged.
+    @ivar accept_in_memory: for get/move: the consumer of the result also
+        takes instances held in memory (C{DicomInstance.data} the Part 10
+        bytes, no C{path}) and disposes of each; otherwise every instance
+        is a file.
     """
 
     OPERATIONS = ("echo", "find", "get", "move", "store")
@@ -228,6 +232,7 @@ class DicomRequest:
     called_aet = attr.ib(default=None)
     instances = attr.ib(default=None)
     user_identity = attr.ib(default=None, repr=False)
+    accept_in_memory = attr.ib(default=False)
 
 
 @attr.s(slots=True)

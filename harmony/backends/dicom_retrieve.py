@@ -87,7 +87,8 @@ class Retriever:
 
     # -- one entry point --------------------------------------------------
 
-    def retrieve(self, request, storage, mode=None, dispose=None, layout=DEFAULT_LAYOUT, on_settled=None):
+    def retrieve(self, request, storage, mode=None, dispose=None, layout=DEFAULT_LAYOUT, on_settled=None,
+                 memory=None):
         """
         Retrieve what C{request} (a C{DicomRequest}: query model, level,
         identifier, priority, user identity) names.
@@ -101,6 +102,9 @@ class Retriever:
         @param on_settled: called once the operation has ended and its
             instance stream has been read to its end or cancelled (nothing
             more will be written or delivered: a spool area can go).
+        @param memory: a L{harmony.dimse.substore.MemoryBudget}: instances
+            that fit are delivered from memory (C{data} bytes, no C{path};
+            the consumer must call their C{dispose}), or C{None}.
         @return: Deferred[L{DicomResult}] (streamed: read C{instances}, then
             wait for C{done}); fails with typed upstream errors when the
             PACS cannot be reached.
@@ -108,11 +112,11 @@ class Retriever:
         mode = mode or self.options.dimse_retrieve_mode
         run = self._get if mode == "get" else self._move
         settle = _Settle(on_settled)
-        return defer.Deferred.fromCoroutine(run(request, storage, dispose, layout, settle))
+        return defer.Deferred.fromCoroutine(run(request, storage, dispose, layout, settle, memory))
 
     # -- C-GET --------------------------------------------------------------
 
-    async def _get(self, request, storage, dispose, layout, settle):
+    async def _get(self, request, storage, dispose, layout, settle, memory):
         from harmony.backends.dicom_scu import RETRIEVE_SYNTAXES
 
         options = self.options
@@ -128,7 +132,7 @@ class Retriever:
         )
         try:
             operation = association.get(
-                request.identifier, model, request.priority or 0, storage=storage, layout=layout
+                request.identifier, model, request.priority or 0, storage=storage, layout=layout, memory=memory
             )
         except (LookupError, ValueError) as e:
             await release_quietly(association)
@@ -150,13 +154,13 @@ class Retriever:
 
     # -- C-MOVE to ourselves --------------------------------------------------
 
-    async def _move(self, request, storage, dispose, layout, settle):
+    async def _move(self, request, storage, dispose, layout, settle, memory):
         options = self.options
         model = request.query_model or "study"
         if model not in MOVE_MODELS:
             raise BadRequest(f"Unknown query model {model!r}")
         await self.listener_owner._hold_listener()
-        incoming = self.router.expect(options.local_aet, storage, layout=layout, source_aet=None)
+        incoming = self.router.expect(options.local_aet, storage, layout=layout, source_aet=None, memory=memory)
         try:
             association = await self.backend._associate(
                 [(MOVE_MODELS[model], _query_syntaxes())], request.user_identity
@@ -362,8 +366,9 @@ def _query_syntaxes():
 
 def _with_dispose(instances, dispose, on_cancel=None, settle=None):
     """
-    The instance stream as given, with each instance's C{dispose} set by
-    C{dispose(instance)} when there is one; cancelling it cancels the
+    The instance stream as given, with C{dispose(instance)} added to
+    each instance's C{dispose} when there is one (an instance held in
+    memory has its own, giving its bytes back); cancelling it cancels the
     source (and calls C{on_cancel}, e.g. a C-CANCEL for a move).  A
     L{_Settle} is told how the stream ends and which delivered instances
     were disposed of.
@@ -375,9 +380,12 @@ def _with_dispose(instances, dispose, on_cancel=None, settle=None):
     out.attach_producer(_SourceControl(instances, on_cancel))
 
     def disposer(item):
+        own = item.dispose
         inner = dispose(item) if dispose is not None else None
         if inner is None:
-            return None
+            return own
+        if own is not None:
+            inner = _both(own, inner)
         settle.delivered()
 
         def dispose_once():
@@ -424,6 +432,18 @@ def _with_dispose(instances, dispose, on_cancel=None, settle=None):
 
     defer.ensureDeferred(pump())
     return out
+
+
+def _both(first, second):
+    """
+    A dispose calling C{first}, then C{second} (whose result it returns).
+    """
+
+    def dispose():
+        first()
+        return second()
+
+    return dispose
 
 
 class _Settle:

@@ -36,6 +36,7 @@ from harmony.dimse.scu import (
     TLSHandshakeFailed,
     read_part10_header,
 )
+from harmony.dimse.substore import MemoryBudget
 from harmony.envelope import DicomRequest, DicomResult, ResponseEnvelope, media_type
 from harmony.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamTimeout, UpstreamUnavailable
 from harmony.interfaces import IBackend
@@ -77,6 +78,11 @@ OPTIONS = Schema(
         "incoming_bind_addr": Field(Str(nonempty=True), "0.0.0.0", "the address of the C-MOVE store SCP"),
         "persistent_store_scp": Field(Bool(), False, "keep the C-MOVE store SCP listening between moves"),
         "storage_dir": Field(Str(), "", "where retrieved instances are kept (default: <storage path>/retrieved)"),
+        "relay_memory_mib": Field(
+            Number(min=0), 16.0,
+            "instances a DIMSE C-GET/C-MOVE relay retrieves are held in memory up to this many MiB per retrieve "
+            "instead of a spool file (0: always spool)",
+        ),
         "association_idle_secs": Field(
             Number(min=0), 0.0,
             "keep associations with the PACS open this long between C-ECHO/C-FIND/C-STORE operations for reuse "
@@ -430,6 +436,8 @@ class DicomScuBackend:
             # disposes of the spooled copy); how is dimse_retrieve_mode's
             # choice, whatever the requester's operation was.
             spool = self._spool_storage()
+            budget = int(self.options.relay_memory_mib * 1024 * 1024)
+            memory = MemoryBudget(budget) if request.accept_in_memory and budget > 0 else None
             # One area per retrieve: what a cancelled relay never took is
             # removed with it once the retrieve has settled.
             area = uuid.uuid4().hex
@@ -440,7 +448,7 @@ class DicomScuBackend:
 
             result = await self.retriever.retrieve(
                 request, spool, dispose=_disposer(spool), layout=area + "/{study}/{series}/{sop}.dcm",
-                on_settled=settled,
+                on_settled=settled, memory=memory,
             )
             response = ResponseEnvelope(status=200)
             response.dicom = result

@@ -79,7 +79,8 @@ class MoveRouter:
         self._last_id = {}  # destination AE -> the last message ID allocated
         self._paused = {}  # association -> the IncomingMoves keeping its reading paused
 
-    def expect(self, destination_aet, storage, layout=DEFAULT_LAYOUT, fsync=False, source_aet=None, high_water=256):
+    def expect(self, destination_aet, storage, layout=DEFAULT_LAYOUT, fsync=False, source_aet=None, high_water=256,
+               memory=None):
         """
         Register a move about to be sent: allocate its Message ID and get
         ready to receive its instances.
@@ -94,6 +95,9 @@ class MoveRouter:
             C-STOREs from another calling AE are not routed to this move.
         @param high_water: instances buffered for a slow consumer before
             reading from the associations delivering them is paused.
+        @param memory: a L{harmony.dimse.substore.MemoryBudget} for
+            instances delivered from memory (see
+            L{harmony.dimse.scu.ClientAssociation.get}), or C{None}.
         @raise ValueError: an invalid AE title.
         @raise RuntimeError: 65535 moves to this destination are in flight.
         @rtype: L{IncomingMove}
@@ -105,7 +109,9 @@ class MoveRouter:
         if moves is None:
             moves = self._moves[destination_aet] = {}
         message_id = self._allocate(destination_aet, moves)
-        incoming = IncomingMove(self, destination_aet, message_id, storage, layout, fsync, source_aet, high_water)
+        incoming = IncomingMove(
+            self, destination_aet, message_id, storage, layout, fsync, source_aet, high_water, memory
+        )
         moves[message_id] = incoming
         return incoming
 
@@ -206,14 +212,15 @@ class IncomingMove:
     @ivar service: the store service answering its sub-operations.
     """
 
-    def __init__(self, router, destination_aet, message_id, storage, layout, fsync, source_aet, high_water):
+    def __init__(self, router, destination_aet, message_id, storage, layout, fsync, source_aet, high_water,
+                 memory=None):
         self.router = router
         self.destination_aet = destination_aet
         self.message_id = message_id
         self.source_aet = source_aet
         self.storage = storage
         self.instances = Stream(high_water=high_water)
-        self.service = _MoveSubStoreService(self, storage, layout, fsync=fsync, sender="calling")
+        self.service = _MoveSubStoreService(self, storage, layout, fsync=fsync, sender="calling", memory=memory)
         self.received = 0
         self.refused = 0
         self._subs = []

@@ -280,6 +280,8 @@ class _RetrieveOperation(QueryOperation):
             calling_aet=rq.calling_aet,
             called_aet=rq.called_aet,
             user_identity=rq.user_identity,
+            # Each instance is sent on from memory or its file, then disposed of.
+            accept_in_memory=True,
         )
         metadata = {"level": level}
         if self.kind == "move":

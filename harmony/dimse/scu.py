@@ -479,7 +479,7 @@ class ClientAssociation:
         )
 
     def get(self, identifier, model="study", priority=0, storage=None, layout="{study}/{series}/{sop}.dcm",
-            fsync=False, high_water=256):
+            fsync=False, high_water=256, memory=None):
         """
         C-GET (PS3.4 C.4.3, PS3.7 9.1.3): the peer sends the matching
         instances as C-STORE sub-operations on this association; each is
@@ -500,6 +500,10 @@ class ClientAssociation:
             sub-operation.
         @param high_water: instances buffered before reading from the peer
             is paused.
+        @param memory: a L{harmony.dimse.substore.MemoryBudget}: instances
+            that fit in it are delivered from memory (C{data} the Part 10
+            bytes, no C{path}; C{dispose} gives their bytes back), the
+            others stored; C{None}: every instance is stored.
         @raise LookupError: no accepted context for the model.
         @raise ValueError: an unknown model, no QueryRetrieveLevel, no
             storage, or an identifier that cannot be encoded.
@@ -514,7 +518,9 @@ class ClientAssociation:
             raise ValueError("a C-GET needs a storage for the instances it receives")
         return self._query(
             sop_class, messages.C_GET_RQ, identifier, priority,
-            lambda context, message_id: GetOperation(self, context, message_id, storage, layout, fsync, high_water),
+            lambda context, message_id: GetOperation(
+                self, context, message_id, storage, layout, fsync, high_water, memory
+            ),
         )
 
     def move(self, identifier, destination, model="study", priority=0, message_id=None):
@@ -1076,7 +1082,8 @@ class GetOperation(_Retrieve, FindOperation):
     _kind = "C-GET"
     _response_field = messages.C_GET_RSP
 
-    def __init__(self, client_association, context, message_id, storage, layout, fsync=False, high_water=256):
+    def __init__(self, client_association, context, message_id, storage, layout, fsync=False, high_water=256,
+                 memory=None):
         from harmony.dimse.substore import SubStoreService
 
         FindOperation.__init__(self, client_association, context, message_id, high_water)
@@ -1086,7 +1093,7 @@ class GetOperation(_Retrieve, FindOperation):
         self.stored = 0
         self.refused = 0
         self._subs = []
-        self._service = SubStoreService(self, storage, layout, fsync=fsync, sender="called")
+        self._service = SubStoreService(self, storage, layout, fsync=fsync, sender="called", memory=memory)
 
     def _timeout_message(self):
         return (f"no C-GET response or sub-operation for message {self.message_id} "

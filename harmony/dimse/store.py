@@ -208,17 +208,8 @@ class _StoreOperation:
         Start the file: fragments go straight into it as they arrive; its
         name is decided at commit, once the UIDs are known.
         """
-        try:
-            meta = file_meta(
-                self.sop_class_uid,
-                self.sop_instance_uid,
-                self.transfer_syntax,
-                IMPLEMENTATION_CLASS_UID,
-                IMPLEMENTATION_VERSION_NAME,
-                source_aet=self._source_aet(),
-            )
-        except ValueError:
-            self.fail(dimse_status.CANNOT_UNDERSTAND, "Invalid SOP Class or Instance UID in the command")
+        meta = self._meta()
+        if meta is None:
             return False
         try:
             self._writer = self.service.take_writer(self.association)
@@ -228,6 +219,23 @@ class _StoreOperation:
             return False
         self._write(meta)
         return self._failed is None
+
+    def _meta(self):
+        """
+        The file meta of this instance's Part 10 file (C{None}: refused).
+        """
+        try:
+            return file_meta(
+                self.sop_class_uid,
+                self.sop_instance_uid,
+                self.transfer_syntax,
+                IMPLEMENTATION_CLASS_UID,
+                IMPLEMENTATION_VERSION_NAME,
+                source_aet=self._source_aet(),
+            )
+        except ValueError:
+            self.fail(dimse_status.CANNOT_UNDERSTAND, "Invalid SOP Class or Instance UID in the command")
+            return None
 
     def _source_aet(self):
         # The AE that sent the instance: the calling AE of an association
@@ -257,19 +265,28 @@ class _StoreOperation:
             self.fail(dimse_status.CANNOT_UNDERSTAND, "The data set cannot be decoded")
             return
         self._prefix = []
-        if not study or not series:
-            self.fail(dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Data set has no Study or Series Instance UID")
-            return
-        if sop and sop != self.sop_instance_uid:
-            self.fail(
-                dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                "SOP Instance UID of the data set differs from the command's",
-            )
+        refusal = self._uid_refusal(study, series, sop)
+        if refusal is not None:
+            self.fail(*refusal)
             return
         try:
             self._relpath = layout_path(self.service.layout, study, series, self.sop_instance_uid)
         except ValueError:
             self.fail(dimse_status.CANNOT_UNDERSTAND, "UIDs unusable as a storage path")
+
+    def _uid_refusal(self, study, series, sop):
+        """
+        C{None} when the data set's UIDs are usable, else the (status,
+        comment) it is refused with.
+        """
+        if not study or not series:
+            return dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Data set has no Study or Series Instance UID"
+        if sop and sop != self.sop_instance_uid:
+            return (
+                dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance UID of the data set differs from the command's",
+            )
+        return None
 
     def _stored(self, stored):
         self._writer = None

@@ -12,12 +12,48 @@ fragments arrive (file meta from a template, never parsed), committed
 atomically under the layout path; then the instance is handed to the
 operation and the C-STORE-RSP is sent (Success, or the failure status of
 the write: never Success for an instance not stored).
+
+With a L{MemoryBudget} (instances retrieved only to be relayed, by a
+consumer that takes them from memory), a data set is collected in memory
+instead while the budget has room for it, and handed over as the bytes of
+its Part 10 file (C{DicomInstance.data}, no C{path}); the budget is given
+back when the consumer disposes of it.  A data set that outgrows the
+budget goes on into a file as above, its fragments so far written first.
 """
 
 from harmony.dimse import status as dimse_status
 from harmony.dimse.store import StoreService, _StoreOperation
 from harmony.envelope import DicomInstance
+from harmony.storage.dicom import uids_from_dataset_prefix
 from harmony.streams import Stream
+
+
+class MemoryBudget:
+    """
+    The bytes of relayed instances one retrieve may hold in memory at a
+    time (received, not yet disposed of by the consumer).
+    """
+
+    def __init__(self, limit):
+        if limit < 0:
+            raise ValueError("a memory budget cannot be negative")
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n):
+        """
+        Reserve C{n} bytes: C{False} (nothing reserved) when they do not fit.
+        """
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n):
+        """
+        Return C{n} reserved bytes.
+        """
+        self.held = max(self.held - n, 0)
 
 
 class SubStoreService(StoreService):
@@ -36,12 +72,20 @@ class SubStoreService(StoreService):
         sub-operations at our store SCP).
     """
 
-    def __init__(self, owner, storage, layout, fsync=False, sender="called"):
+    def __init__(self, owner, storage, layout, fsync=False, sender="called", memory=None):
         if sender not in ("called", "calling"):
             raise ValueError(f"sender must be 'called' or 'calling', not {sender!r}")
         StoreService.__init__(self, storage, layout, fsync=fsync, pipeline=None)
         self.owner = owner
         self.sender_field = f"{sender}_aet"
+        #: A L{MemoryBudget} when instances may be held in memory.
+        self.memory = memory
+
+    def prepare_writer(self, association):
+        if self.memory is None:
+            StoreService.prepare_writer(self, association)
+        # Otherwise a file is opened only for a data set that outgrows the
+        # budget.
 
     def start(self, association, context, command):
         # Never routed further: this service is a routing target.
@@ -59,9 +103,106 @@ class _SubStore(_StoreOperation):
     def __init__(self, service, association, context, command):
         _StoreOperation.__init__(self, service, association, context, command)
         self._gone = False
+        #: The fragments held in memory (C{None}: going to a file).
+        self._held = [] if service.memory is not None else None
+        self._held_size = 0
 
     def _source_aet(self):
         return getattr(self.association.rq, self.service.sender_field) or None
+
+    # -- in memory --------------------------------------------------------------
+
+    def fragment(self, data):
+        held = self._held
+        if held is None or self._failed is not None:
+            _StoreOperation.fragment(self, data)
+            return
+        if self.service.memory.take(len(data)):
+            held.append(bytes(data))
+            self._held_size += len(data)
+            return
+        self._spill()
+        _StoreOperation.fragment(self, data)
+
+    def _release(self):
+        held, self._held = self._held, None
+        if held is not None:
+            self.service.memory.give(self._held_size)
+            self._held_size = 0
+        return held
+
+    def _spill(self):
+        """
+        The data set outgrew the budget: into a file, the fragments so far
+        first.
+        """
+        held = self._release()
+        if not self._open():
+            return
+        for data in held:
+            self._write(data)
+            if self._relpath is None and self._failed is None:
+                self._prefix.append(data)
+                self._prefix_size += len(data)
+        if self._relpath is None and self._failed is None and self._prefix:
+            self._find_uids(final=False)
+
+    def finish(self):
+        if self._held is None or self._failed is not None:
+            self._release()
+            _StoreOperation.finish(self)
+            return
+        size = self._held_size
+        held = self._held
+        self._held = None  # the reservation now belongs to the instance
+        failure = self._check(held)
+        if failure is not None:
+            self.service.memory.give(size)
+            self.fail(*failure)
+            self._respond(*failure)
+            return
+        meta = self._meta()
+        if meta is None:
+            self.service.memory.give(size)
+            self._respond(*self._failed)
+            return
+        data = b"".join([meta, *held])
+        memory = self.service.memory
+
+        def dispose():
+            if not dispose.done:
+                dispose.done = True
+                memory.give(size)
+
+        dispose.done = False
+        instance = DicomInstance(
+            sop_class_uid=self.sop_class_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            transfer_syntax=self.transfer_syntax,
+            data=data,
+            size=len(data),
+            dispose=dispose,
+        )
+        self.service.owner._sub_stored(self, instance)
+        self._respond(dimse_status.SUCCESS, None)
+
+    def _check(self, held):
+        """
+        The UIDs of a data set held in memory, checked as the file's are:
+        C{None}, or the (status, comment) it is refused with.
+        """
+        data = held[0] if len(held) == 1 else b"".join(held)
+        try:
+            study, series, sop = uids_from_dataset_prefix(data, self.transfer_syntax, final=True)
+        except ValueError:
+            return dimse_status.CANNOT_UNDERSTAND, "The data set cannot be decoded"
+        return self._uid_refusal(study, series, sop)
+
+    def fail(self, status, comment):
+        self._release()
+        _StoreOperation.fail(self, status, comment)
+
+    # -- in a file ----------------------------------------------------------------
 
     def _stored(self, stored):
         self._writer = None
@@ -93,6 +234,7 @@ class _SubStore(_StoreOperation):
             self.service.owner._sub_done(self, status)
 
     def aborted(self, association):
+        self._release()
         _StoreOperation.aborted(self, association)
         if not self._answered and not self._gone:
             self._gone = True

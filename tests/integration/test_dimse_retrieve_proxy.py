@@ -51,6 +51,12 @@ DCMQR_MOVE_AET = "HARMONY"
 
 PATHS = ("orthanc_get", "orthanc_move", "dcmqr_get", "dcmqr_move")
 
+#: Each backend's relay_memory_mib: the Orthanc paths relay every instance
+#: from memory (the default budget); the dcmqrscp paths have 20 KiB per
+#: retrieve, so the CT data sets (~39 KB) outgrow it and go through spool
+#: files while the MR one (~10 KB) stays in memory.
+RELAY_MEMORY = {"orthanc": 16, "dcmqr": 0.02}
+
 #: The Data Set Trailing Padding of pydicom's test files (Orthanc drops it).
 TRAILING_PADDING = 0xFFFCFFFC
 
@@ -95,6 +101,7 @@ connect_timeout_secs = 5
 dimse_retrieve_mode = "{mode}"
 incoming_store_port = {incoming_port}
 incoming_bind_addr = "127.0.0.1"
+relay_memory_mib = {relay_memory}
 """
 
 
@@ -218,6 +225,7 @@ def gateway(orthanc, dcmqrscp, pacs, storescp, tmp_path_factory):
             local_aet=local_aet,
             mode=mode,
             incoming_port=incoming_port,
+            relay_memory=RELAY_MEMORY[peer],
         )
     modality = f"harmony-retrieve-proxy-{_TAG}"
     orthanc.add_modality(modality, ORTHANC_MOVE_AET, paths["orthanc_move"]["incoming_port"])

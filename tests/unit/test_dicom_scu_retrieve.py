@@ -21,6 +21,7 @@ from harmony.config.errors import ConfigError
 from harmony.config.schema import Where
 from harmony.dimse.association import AssociationAborted, AssociationRejected
 from harmony.dimse.scu import DimseStatus, DimseTimeout, read_part10_header
+from harmony.dimse.substore import MemoryBudget
 from harmony.envelope import DicomInstance, DicomRequest, Headers, RequestDetails, RequestEnvelope
 from harmony.errors import BadRequest, UpstreamUnavailable
 from harmony.registry import BuildContext
@@ -75,8 +76,9 @@ class FakeAssociation:
         self.calls = []
         self.released = False
 
-    def get(self, identifier, model, priority=0, storage=None, layout=None):
+    def get(self, identifier, model, priority=0, storage=None, layout=None, memory=None):
         self.layout = layout
+        self.memory = memory
         self.calls.append(("get", identifier, model, priority, storage))
         if self.error is not None:
             raise self.error
@@ -139,6 +141,7 @@ class FakeRouter:
 
     def expect(self, destination_aet, storage, **kwargs):
         self.layout = kwargs.get("layout")
+        self.memory = kwargs.get("memory")
         incoming = FakeIncoming(100 + len(self.expected))
         self.expected.append((destination_aet, storage, incoming))
         return incoming
@@ -375,6 +378,78 @@ class SpoolAreaTests(RetrieveTestCase):
         self.failureResultOf(result.instances.read(), AssociationAborted)
         self.assertTrue(os.path.exists(taken.path))
         taken.dispose()
+        self.assertFalse(os.path.exists(area))
+
+
+class MemoryRelayTests(RetrieveTestCase):
+    """
+    A consumer that takes instances from memory (the DIMSE relay) gets a
+    budget of relay_memory_mib per retrieve; the others get files only.
+    """
+
+    def test_budget_for_a_consumer_taking_memory(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        self.assertIsInstance(association.memory, MemoryBudget)
+        self.assertEqual(association.memory.limit, 16 * 1024 * 1024)
+
+    def test_budget_is_configurable(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), relay_memory_mib=0.5)
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        self.assertEqual(association.memory.limit, 512 * 1024)
+
+    def test_files_only_for_other_consumers_or_zero(self):
+        for accept, mib in ((False, 16), (True, 0)):
+            association = FakeAssociation()
+            b = self.backend(FakeClient(association), relay_memory_mib=mib)
+            self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=accept)))
+            self.assertIsNone(association.memory)
+
+    def test_each_retrieve_has_its_own_budget(self):
+        first, second = FakeAssociation(), FakeAssociation()
+        client = FakeClient(first)
+        b = self.backend(client)
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        client.association = second
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        self.assertIsNot(first.memory, second.memory)
+
+    def test_move_gets_the_budget(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), dimse_retrieve_mode="move")
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        self.assertIsInstance(self.router.memory, MemoryBudget)
+
+    def test_memory_instance_keeps_its_own_dispose_and_settles(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association))
+        result = self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True))).dicom
+        area = os.path.join(b._spool_storage().root, association.layout.split("/", 1)[0])
+        given = []
+        header = read_part10_header(CT)
+        with open(CT, "rb") as f:
+            data = f.read()
+        op = association.operation
+        op.instances.write(DicomInstance(header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax,
+                                         data, size=len(data), dispose=lambda: given.append(1)))
+        spilled = self.spool_instance(b, "b", association.layout)
+        spilled.dispose = lambda: given.append(2)
+        op.instances.write(spilled)
+        op.instances.finish()
+        op.result.callback(DimseStatus(0))
+        in_memory = self.successResultOf(result.instances.read())
+        in_file = self.successResultOf(result.instances.read())
+        self.successResultOf(result.instances.read())  # EOF
+        self.assertIs(in_memory.data, data)
+        in_memory.dispose()
+        self.assertEqual(given, [1])
+        self.assertTrue(os.path.isdir(area))  # the file is still being relayed
+        in_file.dispose()
+        # Both the instance's own dispose and the spool's removal ran.
+        self.assertEqual(given, [1, 2])
+        self.assertFalse(os.path.exists(in_file.path))
         self.assertFalse(os.path.exists(area))
 
 

@@ -34,6 +34,7 @@ from harmony.dimse.scu import (
     decode_identifier,
     encode_identifier,
 )
+from harmony.dimse.substore import MemoryBudget
 from harmony.envelope import DicomInstance
 from harmony.storage.filesystem import FilesystemStorage
 from harmony.streams import EOF
@@ -827,3 +828,158 @@ def test_async_consumer(peers):
     peers.flush()
     found, status = result_of(d)
     assert len(found) == 3 and status.ok
+
+
+# -- instances held in memory (a relay's MemoryBudget) ----------------------------
+
+
+def dataset_size(ds):
+    return len(encode_identifier(ds, EXPLICIT))
+
+
+def test_memory_budget_delivers_the_part10_bytes_a_file_would_hold(tmp_path):
+    originals = make_instances(3)
+    budget = MemoryBudget(10 * 1024 * 1024)
+    held = Peers(tmp_path / "held", service=FakeGetService(instances=lambda identifier: list(originals)))
+    held.connect()
+    get = held.get(memory=budget)
+    held.flush()
+    assert result_of(get.result).ok
+    in_memory = drain(get.instances)
+    # The same instances stored, for comparison.
+    files = Peers(tmp_path / "files", service=FakeGetService(instances=lambda identifier: list(originals)))
+    files.connect()
+    stored = files.get()
+    files.flush()
+    on_disk = drain(stored.instances)
+    assert len(in_memory) == 3
+    for instance, stored_instance, original in zip(in_memory, on_disk, originals):
+        assert instance.path is None
+        assert isinstance(instance.data, bytes)
+        with open(stored_instance.path, "rb") as f:
+            assert instance.data == f.read()
+        assert instance.size == len(instance.data)
+        assert (instance.sop_class_uid, instance.sop_instance_uid, instance.transfer_syntax) == (
+            original.SOPClassUID, original.SOPInstanceUID, EXPLICIT)
+    # Nothing was written, and the data sets are held until disposed of.
+    assert held.stored_files() == [] and held.temp_files() == []
+    assert budget.held == sum(dataset_size(o) for o in originals)
+    assert [r["Status"] for r in held.service.requests[0].responses] == [0, 0, 0]
+    for instance in in_memory:
+        instance.dispose()
+        instance.dispose()  # once is enough
+    assert budget.held == 0
+
+
+def test_data_set_outgrowing_the_budget_goes_to_a_file(tmp_path):
+    originals = make_instances(2)
+    p = Peers(tmp_path, service=FakeGetService(instances=lambda identifier: list(originals)))
+    p.connect()
+    budget = MemoryBudget(dataset_size(originals[0]) // 2)
+    get = p.get(memory=budget)
+    p.flush()
+    assert result_of(get.result).ok
+    instances = drain(get.instances)
+    for instance, original in zip(instances, originals):
+        check_instance(instance, original, p.root)
+    assert len(p.stored_files()) == 2 and p.temp_files() == []
+    assert budget.held == 0
+
+
+def test_budget_is_shared_by_the_instances_not_yet_disposed(tmp_path):
+    originals = make_instances(3)
+    p = Peers(tmp_path, service=FakeGetService(instances=lambda identifier: list(originals)))
+    p.connect()
+    size = dataset_size(originals[0])
+    budget = MemoryBudget(size + size // 2)
+    get = p.get(memory=budget)
+    p.flush()
+    first, second, third = drain(get.instances)
+    # The first fills the budget; the others, arriving before it was
+    # disposed of, went to files.
+    assert first.path is None and budget.held == size
+    check_instance(second, originals[1], p.root)
+    check_instance(third, originals[2], p.root)
+    first.dispose()
+    assert budget.held == 0
+    # Room again: the next get's first instance is held.
+    p.service.instances = lambda identifier: make_instances(1)
+    again = p.get(memory=budget)
+    p.flush()
+    [instance] = drain(again.instances)
+    assert instance.path is None and budget.held == size
+
+
+def test_data_set_of_another_instance_is_refused_from_memory(tmp_path):
+    p = Peers(tmp_path, service=FakeGetService(auto=False))
+    p.connect()
+    budget = MemoryBudget(10 * 1024 * 1024)
+    get = p.get(memory=budget)
+    p.flush()
+    [request] = p.service.requests
+    ds, other = make_instances(2)
+    request.send_store(ds, data=encode_identifier(other, EXPLICIT))
+    p.flush()
+    assert [(r["Status"], r["ErrorComment"]) for r in request.responses] == [
+        (0xA900, "SOP Instance UID of the data set differs from the command's")]
+    request.failed = 1
+    request.final()
+    p.flush()
+    assert result_of(get.result).status == 0xA702
+    assert drain(get.instances) == []
+    assert budget.held == 0 and p.stored_files() == [] and p.temp_files() == []
+
+
+def test_undecodable_data_set_is_refused_from_memory(tmp_path):
+    p = Peers(tmp_path, service=FakeGetService(auto=False))
+    p.connect()
+    budget = MemoryBudget(10 * 1024 * 1024)
+    get = p.get(memory=budget)
+    p.flush()
+    [request] = p.service.requests
+    request.send_store(make_instances(1)[0], data=b"\x08\x00\x16\x00UI\xff\xff")
+    p.flush()
+    assert [r["Status"] for r in request.responses] == [0xC000]
+    request.failed = 1
+    request.final()
+    p.flush()
+    assert result_of(get.result).status == 0xA702
+    assert budget.held == 0
+
+
+def test_abort_mid_data_set_in_memory_gives_the_budget_back(tmp_path):
+    p = Peers(tmp_path, service=FakeGetService(auto=False))
+    p.connect()
+    budget = MemoryBudget(10 * 1024 * 1024)
+    get = p.get(memory=budget)
+    p.flush()
+    [request] = p.service.requests
+    ds = make_instances(1)[0]
+    context = request.storage_context(CT)
+    fields = {
+        "AffectedSOPClassUID": CT,
+        "CommandField": messages.C_STORE_RQ,
+        "MessageID": 999,
+        "Priority": 0,
+        "CommandDataSetType": messages.DATASET_PRESENT,
+        "AffectedSOPInstanceUID": ds.SOPInstanceUID,
+    }
+    pdus = list(messages.fragment(context.id, messages.encode_command(fields), encode_identifier(ds, EXPLICIT), 4096))
+    for chunk in pdus[:3]:
+        p.server_protocol.transport.write(bytes(chunk))
+    p.flush()
+    assert budget.held > 0
+    p.server_protocol.abort()
+    p.flush()
+    failure_of(get.result, AssociationAborted)
+    assert budget.held == 0
+    assert p.stored_files() == [] and p.temp_files() == []
+
+
+def test_memory_budget_arguments():
+    with pytest.raises(ValueError):
+        MemoryBudget(-1)
+    budget = MemoryBudget(10)
+    assert budget.take(6) and not budget.take(5) and budget.held == 6
+    budget.give(6)
+    assert budget.held == 0 and budget.take(10)

@@ -35,6 +35,7 @@ from harmony.dimse.scu import (
     read_part10_header,
 )
 from harmony.dimse.store import StoreService
+from harmony.dimse.substore import MemoryBudget
 from harmony.envelope import DicomInstance, ResponseEnvelope
 from harmony.storage.filesystem import FilesystemStorage
 from harmony.streams import EOF
@@ -292,6 +293,33 @@ def test_instance_delivered_byte_identical(harness):
     incoming.finish()
     assert result_of(incoming.instances.read()) is EOF
     assert temp_files(harness.root) == []
+
+
+def test_instance_delivered_from_memory_with_a_budget(harness):
+    budget = MemoryBudget(1024 * 1024)
+    incoming = harness.expect(memory=budget)
+    conn = harness.connect()
+    original = pydicom.dcmread(CT_SMALL)
+    raw = dataset_bytes(CT_SMALL)
+    d = conn.store(original, originator=("HARMONY", incoming.message_id), data=raw)
+    conn.pump.flush()
+    assert result_of(d).ok
+    instance = result_of(incoming.instances.read())
+    assert instance.path is None and budget.held == len(raw)
+    header = read_part10_header(instance.data)
+    assert instance.data[header.dataset_offset:] == raw
+    assert header.sop_instance_uid == original.SOPInstanceUID and header.transfer_syntax == EXPLICIT
+    # The file meta a stored copy would have: the PACS as the source.
+    meta = pydicom.dcmread(pydicom.filebase.DicomBytesIO(instance.data)).file_meta
+    assert meta.SourceApplicationEntityTitle == "PACS"
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    instance.dispose()
+    assert budget.held == 0
+    assert incoming.received == 1
+    incoming.finish()
+    assert result_of(incoming.instances.read()) is EOF
+    # Nothing was written.
+    assert not any(files for _, _, files in os.walk(harness.root))
 
 
 def test_routing_by_originator_fields(harness):

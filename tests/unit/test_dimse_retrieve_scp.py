@@ -324,6 +324,8 @@ def test_get_relays_every_instance_byte_identical(relay):
     assert (request.operation, request.query_model, request.level) == ("get", "study", "STUDY")
     assert request.identifier.StudyInstanceUID == "1.2.3"
     assert (request.calling_aet, request.called_aet, request.move_destination) == ("GETSCU", "HARMONY", None)
+    # Instances may come from memory: each is sent on, then disposed of.
+    assert request.accept_in_memory is True
     assert envelope.metadata["protocol"] == "dimse"
     assert envelope.details.method == "C-GET"
 
@@ -619,6 +621,7 @@ def test_move_relays_to_the_destination(relay):
     [envelope] = relay.executor.requests
     request = envelope.dicom
     assert (request.operation, request.move_destination, request.calling_aet) == ("move", "DEST", "GETSCU")
+    assert request.accept_in_memory is True
     assert envelope.metadata["move_destination"] == "DEST"
     instances = [relay.files.instance(), relay.files.instance(form="bytes")]
     relay.executor.feed(instances)
