@@ -883,7 +883,7 @@ def report_gets(runs, getscu, reason, rss_before, peak):
               f"{ordered[-1][2] / MiB / ordered[-1][0]:.1f}]")
     print("  (MiB: Part 10 bytes received, as stored by the client; s: connect to release (DicomClient) or the "
           "getscu process; the median round; Harmony holds each instance from Orthanc in memory "
-          "(relay_memory_mib, default 16 MiB per retrieve; a spool file beyond) and relays it)")
+          "(retrieve_memory_mib, default 16 MiB per retrieve; a spool file beyond) and relays it)")
     if reason is not None:
         print(f"  C-GET through Harmony: not available in this build ({reason})")
         if runs.get("harmony"):

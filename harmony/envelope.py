@@ -216,8 +216,8 @@ class DicomRequest:
         C{dicom_scu} backend associates with; never logged.
     @ivar accept_in_memory: for get/move: the consumer of the result also
         takes instances held in memory (C{DicomInstance.data} the Part 10
-        bytes, no C{path}) and disposes of each; otherwise every instance
-        is a file.
+        file's bytes, a bytes-like object; no C{path}) and disposes of
+        each; otherwise every instance is a file.
     """
 
     OPERATIONS = ("echo", "find", "get", "move", "store")

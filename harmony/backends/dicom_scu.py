@@ -78,10 +78,10 @@ OPTIONS = Schema(
         "incoming_bind_addr": Field(Str(nonempty=True), "0.0.0.0", "the address of the C-MOVE store SCP"),
         "persistent_store_scp": Field(Bool(), False, "keep the C-MOVE store SCP listening between moves"),
         "storage_dir": Field(Str(), "", "where retrieved instances are kept (default: <storage path>/retrieved)"),
-        "relay_memory_mib": Field(
+        "retrieve_memory_mib": Field(
             Number(min=0), 16.0,
-            "instances a DIMSE C-GET/C-MOVE relay retrieves are held in memory up to this many MiB per retrieve "
-            "instead of a spool file (0: always spool)",
+            "instances retrieved for a DIMSE C-GET/C-MOVE relay or a JMIX build are held in memory up to this many "
+            "MiB per retrieve instead of a spool file (0: always spool)",
         ),
         "association_idle_secs": Field(
             Number(min=0), 0.0,
@@ -436,7 +436,7 @@ class DicomScuBackend:
             # disposes of the spooled copy); how is dimse_retrieve_mode's
             # choice, whatever the requester's operation was.
             spool = self._spool_storage()
-            budget = int(self.options.relay_memory_mib * 1024 * 1024)
+            budget = int(self.options.retrieve_memory_mib * 1024 * 1024)
             memory = MemoryBudget(budget) if request.accept_in_memory and budget > 0 else None
             # One area per retrieve: what a cancelled relay never took is
             # removed with it once the retrieve has settled.

@@ -103,9 +103,11 @@ class _SubStore(_StoreOperation):
     def __init__(self, service, association, context, command):
         _StoreOperation.__init__(self, service, association, context, command)
         self._gone = False
-        #: The fragments held in memory (C{None}: going to a file).
-        self._held = [] if service.memory is not None else None
-        self._held_size = 0
+        #: Collected in memory while the budget allows (else into a file).
+        self._in_memory = service.memory is not None
+        #: The Part 10 file so far: file meta, then the data set's bytes.
+        self._held = None
+        self._meta_size = 0
 
     def _source_aet(self):
         return getattr(self.association.rq, self.service.sender_field) or None
@@ -113,61 +115,68 @@ class _SubStore(_StoreOperation):
     # -- in memory --------------------------------------------------------------
 
     def fragment(self, data):
-        held = self._held
-        if held is None or self._failed is not None:
+        if not self._in_memory or self._failed is not None:
             _StoreOperation.fragment(self, data)
             return
+        if self._held is None and not self._start_held():
+            return
         if self.service.memory.take(len(data)):
-            held.append(bytes(data))
-            self._held_size += len(data)
+            self._held += data
             return
         self._spill()
         _StoreOperation.fragment(self, data)
 
+    def _start_held(self):
+        meta = self._meta()
+        if meta is None:
+            return False
+        self._held = bytearray(meta)
+        self._meta_size = len(meta)
+        return True
+
     def _release(self):
+        """
+        Stop holding the data set in memory; its budget is given back.
+        """
         held, self._held = self._held, None
+        self._in_memory = False
         if held is not None:
-            self.service.memory.give(self._held_size)
-            self._held_size = 0
+            self.service.memory.give(len(held) - self._meta_size)
         return held
 
     def _spill(self):
         """
-        The data set outgrew the budget: into a file, the fragments so far
+        The data set outgrew the budget: into a file, its bytes so far
         first.
         """
         held = self._release()
         if not self._open():
             return
-        for data in held:
+        data = bytes(memoryview(held)[self._meta_size :])
+        if data:
             self._write(data)
             if self._relpath is None and self._failed is None:
                 self._prefix.append(data)
                 self._prefix_size += len(data)
-        if self._relpath is None and self._failed is None and self._prefix:
-            self._find_uids(final=False)
+                self._find_uids(final=False)
 
     def finish(self):
-        if self._held is None or self._failed is not None:
+        if not self._in_memory or self._failed is not None:
             self._release()
             _StoreOperation.finish(self)
             return
-        size = self._held_size
-        held = self._held
-        self._held = None  # the reservation now belongs to the instance
-        failure = self._check(held)
+        if self._held is None and not self._start_held():
+            self._respond(*self._failed)
+            return
+        held, self._held = self._held, None  # the reservation now belongs to the instance
+        size = len(held) - self._meta_size
+        memory = self.service.memory
+        failure = self._check(memoryview(held)[self._meta_size :])
         if failure is not None:
-            self.service.memory.give(size)
+            memory.give(size)
             self.fail(*failure)
             self._respond(*failure)
             return
-        meta = self._meta()
-        if meta is None:
-            self.service.memory.give(size)
-            self._respond(*self._failed)
-            return
-        data = b"".join([meta, *held])
-        memory = self.service.memory
 
         def dispose():
             if not dispose.done:
@@ -179,19 +188,18 @@ class _SubStore(_StoreOperation):
             sop_class_uid=self.sop_class_uid,
             sop_instance_uid=self.sop_instance_uid,
             transfer_syntax=self.transfer_syntax,
-            data=data,
-            size=len(data),
+            data=held,
+            size=len(held),
             dispose=dispose,
         )
         self.service.owner._sub_stored(self, instance)
         self._respond(dimse_status.SUCCESS, None)
 
-    def _check(self, held):
+    def _check(self, data):
         """
         The UIDs of a data set held in memory, checked as the file's are:
         C{None}, or the (status, comment) it is refused with.
         """
-        data = held[0] if len(held) == 1 else b"".join(held)
         try:
             study, series, sop = uids_from_dataset_prefix(data, self.transfer_syntax, final=True)
         except ValueError:

@@ -72,7 +72,8 @@ Choices:
     page cache (L{MAP_WINDOW} at most at a time, unmapped at once), so the
     hashes and the CRC read the bytes where they are and the zip entry is
     written from there; an instance larger than the window is hashed
-    window by window, then copied into the zip by the kernel.
+    window by window, then copied into the zip by the kernel.  An instance
+    given as bytes (held in memory by the retrieve) is written from them.
   - Absent DICOM values are C{null} in metadata.json (C{body_part} is
     omitted); C{sex} keeps the DICOM codes C{M}/C{F}/C{O}; C{dob} is
     C{YYYY-MM-DD}; C{identifiers} holds PatientID (with IssuerOfPatientID as
@@ -96,12 +97,11 @@ import os
 import re
 import uuid
 import zipfile
-import zlib
 
 import attr
 from pydicom import dcmread
 
-from harmony.jmix.zipwriter import ZipAppender
+from harmony.jmix.zipwriter import ZipAppender, crc32
 from harmony.storage.dicom import NeedMoreData, check_uid, uids_from_dataset_prefix
 
 VERSION = "1.0"
@@ -528,6 +528,21 @@ class _Series:
         self.first_rel = rel
 
 
+class _Entry:
+    """
+    Where an instance goes in the package: C{rel} under payload/, the zip
+    entry C{name}; its series and SOP Instance UIDs.
+    """
+
+    __slots__ = ("rel", "name", "series_uid", "sop_uid")
+
+    def __init__(self, rel, name, series_uid, sop_uid):
+        self.rel = rel
+        self.name = name
+        self.series_uid = series_uid
+        self.sop_uid = sop_uid
+
+
 class PackageBuilder:
     """
     Builds one package into a new zip at C{zip_path} (see the module
@@ -626,9 +641,10 @@ class PackageBuilder:
         if self._zip.closed:
             raise ValueError("the package is finished")
 
-    def add(self, path):
+    def add(self, source):
         """
-        Add one instance (a DICOM Part 10 file; read, not changed).
+        Add one instance: a DICOM Part 10 file (a path; read, not changed)
+        or its bytes (bytes-like).
 
         @return: L{committed} after it.
         @raise ValueError: not DICOM, another study, an invalid or
@@ -637,11 +653,22 @@ class PackageBuilder:
         self._check_usable()
         index = len(self._instances)
         try:
-            self._add(path, index)
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                self._add_bytes(memoryview(source), index)
+            else:
+                self._add(source, index)
         except BaseException:
             self._broken = True
             raise
         return self._zip.offset
+
+    def _add_bytes(self, data, index):
+        size = len(data)
+        uids = _header_uids(data[:MAP_WINDOW], MAP_WINDOW >= size) if size else None
+        entry = self._entry(uids, lambda: io.BytesIO(data), index)
+        own = None if self.skip_hashing else hashlib.sha256(data)
+        offset = self._zip.add_file(entry.name, None, size, crc32(data), data)
+        self._record(entry, index, offset, size, own)
 
     def _add(self, path, index):
         with open(path, "rb", buffering=0) as f:
@@ -651,24 +678,13 @@ class PackageBuilder:
             own = None if self.skip_hashing else hashlib.sha256()
             with _mapped(fd, 0, first) as head:
                 uids = _header_uids(head, first == size) if first else None
-                if uids is None:
-                    ds = _pydicom_header(path, index)
-                    uids = [ds.get(keyword) for keyword in _UID_KEYWORDS]
-                study_uid, series_uid, sop_uid = _checked_uids(uids, index)
-                if self._study_uid is None:
-                    self._study_uid = study_uid
-                elif study_uid != self._study_uid:
-                    raise ValueError("input files belong to more than one study")
-                if sop_uid in self._sops:
-                    raise ValueError("input file %d: duplicate SOP Instance UID" % (index,))
-                rel = "dicom/%s/%s.dcm" % (series_uid, sop_uid)
-                name = self._top + "payload/" + rel
+                entry = self._entry(uids, lambda: path, index)
                 if own is not None:
                     own.update(head)
-                crc = zlib.crc32(head)
+                crc = crc32(head)
                 if first == size:
                     # The usual case: the whole file at once.
-                    offset = self._zip.add_file(name, fd, size, crc, head)
+                    offset = self._zip.add_file(entry.name, fd, size, crc, head)
             if first < size:
                 # Larger than the map window: hashed window by window now, then
                 # copied into the zip from the file.
@@ -677,9 +693,32 @@ class PackageBuilder:
                     with _mapped(fd, position, min(MAP_WINDOW, size - position)) as chunk:
                         if own is not None:
                             own.update(chunk)
-                        crc = zlib.crc32(chunk, crc)
+                        crc = crc32(chunk, crc)
                         position += len(chunk)
-                offset = self._zip.add_file(name, fd, size, crc)
+                offset = self._zip.add_file(entry.name, fd, size, crc)
+        self._record(entry, index, offset, size, own)
+
+    def _entry(self, uids, source, index):
+        """
+        Check an instance's UIDs (C{uids} from the header walk, or
+        C{None}: read by pydicom from C{source()}) against the package:
+        its L{_Entry}.
+        """
+        if uids is None:
+            ds = _pydicom_header(source(), index)
+            uids = [ds.get(keyword) for keyword in _UID_KEYWORDS]
+        study_uid, series_uid, sop_uid = _checked_uids(uids, index)
+        if self._study_uid is None:
+            self._study_uid = study_uid
+        elif study_uid != self._study_uid:
+            raise ValueError("input files belong to more than one study")
+        if sop_uid in self._sops:
+            raise ValueError("input file %d: duplicate SOP Instance UID" % (index,))
+        rel = "dicom/%s/%s.dcm" % (series_uid, sop_uid)
+        return _Entry(rel, self._top + "payload/" + rel, series_uid, sop_uid)
+
+    def _record(self, entry, index, offset, size, own):
+        rel, series_uid, sop_uid = entry.rel, entry.series_uid, entry.sop_uid
         self._sops.add(sop_uid)
         self._instances[rel] = (index, offset, size, None if own is None else own.hexdigest())
         series = self._series.get(series_uid)

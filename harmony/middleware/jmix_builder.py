@@ -189,7 +189,10 @@ class JmixBuilder:
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.StudyInstanceUID = study
-        request = DicomRequest("get", query_model="study", level="STUDY", identifier=identifier)
+        # Instances may come from memory: each is added, then disposed of.
+        request = DicomRequest(
+            "get", query_model="study", level="STUDY", identifier=identifier, accept_in_memory=True
+        )
         envelope.dicom = request
         envelope.metadata["jmix_building"] = "true"
         key = id(request)
@@ -263,7 +266,7 @@ class JmixBuilder:
             ))
             answer.builder = builder
             # A failed instance stops the retrieve (the read below ends).
-            queue = _InstanceQueue(lambda path: in_thread(builder.add, path), answer.written, instances.cancel)
+            queue = _InstanceQueue(lambda source: in_thread(builder.add, source), answer.written, instances.cancel)
             while queue.failure is None:
                 try:
                     instance = await instances.read()
@@ -352,8 +355,8 @@ def _public_error(failure):
 class _InstanceQueue:
     """
     Adds retrieved instances to the package one at a time, in arrival
-    order, in the thread pool (C{add(path)} returns a Deferred of the zip's
-    committed size); disposes of each once done with it.  After a failure
+    order, in the thread pool (C{add(path or bytes)} returns a Deferred of
+    the zip's committed size); disposes of each once done with it.  After a failure
     the instances still queued are only disposed of.
 
     @ivar added: how many instances were added.
@@ -409,10 +412,12 @@ class _InstanceQueue:
                     _dispose(instance)
                     continue
                 self._busy = True
-                if instance.path is None:
-                    d = defer.fail(ValueError("a retrieved instance is not a stored file"))
-                else:
+                if instance.path is not None:
                     d = defer.maybeDeferred(self._add, instance.path)
+                elif isinstance(instance.data, (bytes, bytearray, memoryview)):
+                    d = defer.maybeDeferred(self._add, instance.data)
+                else:
+                    d = defer.fail(ValueError("a retrieved instance is neither a stored file nor in memory"))
                 d.addBoth(self._added, instance)
         finally:
             self._dispatching = False

@@ -51,7 +51,7 @@ DCMQR_MOVE_AET = "HARMONY"
 
 PATHS = ("orthanc_get", "orthanc_move", "dcmqr_get", "dcmqr_move")
 
-#: Each backend's relay_memory_mib: the Orthanc paths relay every instance
+#: Each backend's retrieve_memory_mib: the Orthanc paths relay every instance
 #: from memory (the default budget); the dcmqrscp paths have 20 KiB per
 #: retrieve, so the CT data sets (~39 KB) outgrow it and go through spool
 #: files while the MR one (~10 KB) stays in memory.
@@ -101,7 +101,7 @@ connect_timeout_secs = 5
 dimse_retrieve_mode = "{mode}"
 incoming_store_port = {incoming_port}
 incoming_bind_addr = "127.0.0.1"
-relay_memory_mib = {relay_memory}
+retrieve_memory_mib = {relay_memory}
 """
 
 

@@ -384,7 +384,7 @@ class SpoolAreaTests(RetrieveTestCase):
 class MemoryRelayTests(RetrieveTestCase):
     """
     A consumer that takes instances from memory (the DIMSE relay) gets a
-    budget of relay_memory_mib per retrieve; the others get files only.
+    budget of retrieve_memory_mib per retrieve; the others get files only.
     """
 
     def test_budget_for_a_consumer_taking_memory(self):
@@ -396,14 +396,14 @@ class MemoryRelayTests(RetrieveTestCase):
 
     def test_budget_is_configurable(self):
         association = FakeAssociation()
-        b = self.backend(FakeClient(association), relay_memory_mib=0.5)
+        b = self.backend(FakeClient(association), retrieve_memory_mib=0.5)
         self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
         self.assertEqual(association.memory.limit, 512 * 1024)
 
     def test_files_only_for_other_consumers_or_zero(self):
         for accept, mib in ((False, 16), (True, 0)):
             association = FakeAssociation()
-            b = self.backend(FakeClient(association), relay_memory_mib=mib)
+            b = self.backend(FakeClient(association), retrieve_memory_mib=mib)
             self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=accept)))
             self.assertIsNone(association.memory)
 

@@ -17,7 +17,7 @@ import shutil
 import zipfile
 
 import pytest
-from test_jmix_package import Unzipped, make_study, reference_payload_hash
+from test_jmix_package import Unzipped, make_study, read_bytes, reference_payload_hash
 from test_jmix_store import FakeReactor
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -341,6 +341,35 @@ def test_a_client_gone_mid_stream_does_not_stop_the_build(setup):
     shared = fired(waiting)
     assert len(zipfile.ZipFile(io.BytesIO(fired(collect(shared.body)))).namelist()) == 4 + 4 + 6
     assert len(disposed) == 6
+
+
+def test_instances_held_in_memory_are_packaged(setup, tmp_path):
+    """
+    The build asks for instances from memory where the backend can (its
+    retrieve budget); those come as Part 10 bytes without a file, and are
+    packaged and disposed of like spooled ones: the same payload.
+    """
+    mw, root, study, made, _ = setup
+    leader = envelope(root, study)
+    fired(mw.request(leader))
+    assert leader.dicom.accept_in_memory is True
+    items, disposed = retrieved(tmp_path, made)
+    for item in items[::2]:
+        with open(item.path, "rb") as f:
+            data = f.read()
+        os.remove(item.path)
+        item.path = None
+        item.data = data
+        item.dispose = lambda: disposed.append(1)
+    result = DicomResult(status=None, instances=Stream.from_iterable(items), done=defer.succeed((0, None)))
+    body = fired(collect(fired(mw.response(leader, ResponseEnvelope(dicom=result))).body))
+    assert len(disposed) == len(made)
+    path = tmp_path / "memory.zip"
+    path.write_bytes(body)
+    package = Unzipped(str(path))
+    assert package.json("manifest.json")["security"]["payload_hash"] == reference_payload_hash(package.payload())
+    payload_dicom = {name: data for name, data in package.payload().items() if name.startswith("dicom/")}
+    assert sorted(payload_dicom.values()) == sorted(read_bytes(p) for _, _, p in made)
 
 
 def test_builds_in_different_arrival_orders_have_the_same_payload(setup, tmp_path):

@@ -416,6 +416,37 @@ def test_every_byte_is_final_once_committed(tmp_path, study):
     assert info.instance_count == builder.instance_count == 6
 
 
+@pytest.mark.parametrize("skip_hashing", [False, True])
+def test_instances_given_as_bytes_make_the_same_zip(tmp_path, study, skip_hashing):
+    """
+    An instance held in memory (its Part 10 bytes) is packaged exactly as
+    its file would be: the zips of the same package, from files, from
+    bytes and mixed, are identical.
+    """
+    _, made, _ = study
+    package_id = str(uuid.uuid4())
+    zips = []
+    for n, form in enumerate(("path", "bytes", "mixed")):
+        builder = PackageBuilder(str(tmp_path / f"{n}.zip"), package_id=package_id, now=NOW,
+                                 skip_hashing=skip_hashing)
+        for i, (_, _, path) in enumerate(made):
+            if form == "bytes" or (form == "mixed" and i % 2):
+                builder.add(bytearray(read_bytes(path)) if i == 1 else read_bytes(path))
+            else:
+                builder.add(path)
+        zips.append(read_bytes(builder.finish().zip_path))
+    assert zips[0] == zips[1] == zips[2]
+
+
+def test_bytes_that_are_not_dicom_are_refused(tmp_path, study):
+    _, made, _ = study
+    for junk in (b"", b"not DICOM at all", read_bytes(made[0][2])[:200]):
+        builder = PackageBuilder(str(tmp_path / "p.zip"))
+        with pytest.raises(ValueError, match="input file 0"):
+            builder.add(junk)
+        builder.abort()
+
+
 def test_builder_failure_then_abort(tmp_path, study):
     _, made, _ = study
     builder = PackageBuilder(str(tmp_path / "p.zip"))
