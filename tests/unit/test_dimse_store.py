@@ -14,6 +14,7 @@ from _deferreds import drain, failure_of, result_of
 from pydicom.data import get_testdata_file
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from harmony.dimse import messages, pdu
@@ -330,6 +331,55 @@ def test_several_instances_on_one_association(tmp_path):
     assert peers.run(association.echo()).ok
     expected = sorted(os.path.join(*relpath_for(pydicom.dcmread(data_file(n))).split("/")) for n in names)
     assert peers.stored_files() == expected
+    for name in names:
+        check_stored(peers, data_file(name))
+
+
+class _SyncReactor:
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class _SyncPool:
+    """Runs "thread pool" work at once, counting it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.calls += 1
+        try:
+            result = f(*args, **kwargs)
+        except Exception:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_thread_pool_only_for_durable_stores(tmp_path, fsync):
+    """
+    Without fsync a file is created, written and renamed on the reactor
+    thread; with fsync the thread pool makes it durable and prepares the
+    next instance's file (one spare per association, removed at its end).
+    """
+    storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
+    storage.threadpool = pool = _SyncPool()
+    storage._fsync_file = storage._fsync_dir = lambda *args: None
+    peers = Peers(tmp_path, storage=storage)
+    peers.service.fsync = fsync
+    association = peers.connect()
+    names = ["CT_small.dcm", "MR_small.dcm"]
+    for name in names:
+        assert peers.run(association.store_file(data_file(name))).ok
+    if fsync:
+        # A commit and a spare per instance.
+        assert pool.calls == 2 * len(names)
+        assert len(peers.temp_files()) == 1
+    else:
+        assert pool.calls == 0
+        assert peers.temp_files() == []
+    assert peers.run(association.release()) is None
     for name in names:
         check_stored(peers, data_file(name))
 
