@@ -22,6 +22,7 @@ P-DATA-TF, A-RELEASE-RQ/RP and A-ABORT are a few C{struct} operations
 the tests prove).
 """
 
+import re
 import struct
 
 import attr
@@ -492,6 +493,13 @@ def _walk(data, start, end, what):
 
 #: Items whose whole value is a UID (64 characters, maybe a NUL pad).
 _UID_ITEMS = frozenset((0x10, 0x30, 0x40, 0x52))
+#: The UID field of each pynetdicom UID item class.
+_UID_FIELDS = {
+    _items.ApplicationContextItem: "application_context_name",
+    _items.AbstractSyntaxSubItem: "abstract_syntax_name",
+    _items.TransferSyntaxSubItem: "transfer_syntax_name",
+    _items.ImplementationClassUIDSubItem: "implementation_class_uid",
+}
 
 
 def _pyn(cls, data, start, end):
@@ -508,6 +516,29 @@ def _pyn(cls, data, start, end):
     except (ValueError, TypeError, KeyError, IndexError, AssertionError, struct.error) as e:
         raise _invalid(f"{cls.__name__}: {e}") from None
     return item
+
+
+#: A conformant UID (PS3.5 9.1; pydicom's C{UID.is_valid}): what
+#: pynetdicom accepts without a word.
+_CONFORMANT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
+
+
+def _uid_item(cls, data, start, end):
+    """
+    The UID of a UID item or sub-item (application context, abstract or
+    transfer syntax, implementation class): read directly when it is
+    conformant (one trailing NUL pad dropped, as pynetdicom does), else by
+    pynetdicom's class (its checks, errors and warnings).
+    """
+    raw = data[start + 4 : end]
+    if raw[-1:] == b"\x00":
+        raw = raw[:-1]
+    if 0 < len(raw) <= 64 and raw.isascii():
+        uid = raw.decode("ascii")
+        if _CONFORMANT_UID.match(uid):
+            return uid
+    item = _pyn(cls, data, start, end)
+    return _str_uid(getattr(item, _UID_FIELDS[cls]))
 
 
 def _str_uid(uid):
@@ -544,8 +575,7 @@ def _decode_associate(pdu_type, body):
         if item_type == 0x10:
             if application_context is not None:
                 raise _unexpected("more than one Application Context item")
-            item = _pyn(_items.ApplicationContextItem, data, item_start, end)
-            application_context = str(item.application_context_name)
+            application_context = _uid_item(_items.ApplicationContextItem, data, item_start, end)
         elif item_type == context_type:
             context = (_decode_context_rq if requesting else _decode_context_ac)(data, item_start, start, end)
             if context.id in seen_ids:
@@ -613,11 +643,11 @@ def _decode_context_rq(data, item_start, start, end):
         if item_type == 0x30:
             if abstract is not None:
                 raise _invalid(f"presentation context {context_id} with two abstract syntaxes")
-            abstract = _pyn(_items.AbstractSyntaxSubItem, data, sub_start, sub_end).abstract_syntax_name
+            abstract = _uid_item(_items.AbstractSyntaxSubItem, data, sub_start, sub_end)
             if not abstract:
                 raise _invalid(f"presentation context {context_id} with an empty abstract syntax")
         elif item_type == 0x40:
-            uid = _pyn(_items.TransferSyntaxSubItem, data, sub_start, sub_end).transfer_syntax_name
+            uid = _uid_item(_items.TransferSyntaxSubItem, data, sub_start, sub_end)
             if not uid:
                 raise _invalid(f"presentation context {context_id} with an empty transfer syntax")
             transfer.append(str(uid))
@@ -643,7 +673,7 @@ def _decode_context_ac(data, item_start, start, end):
             if count > 1:
                 raise _invalid(f"presentation context {context_id} answered with two transfer syntaxes")
             if result == 0:
-                transfer = _str_uid(_pyn(_items.TransferSyntaxSubItem, data, sub_start, sub_end).transfer_syntax_name)
+                transfer = _uid_item(_items.TransferSyntaxSubItem, data, sub_start, sub_end)
             elif sub_end > sub_value:
                 # Not significant (PS3.8 9.3.3.2): kept when readable, never tested.
                 try:
@@ -676,7 +706,7 @@ def _decode_user_information(data, start, end, requesting):
             max_length = _pyn(_items.MaximumLengthSubItem, data, sub_start, sub_end).maximum_length_received
         elif item_type == 0x52:
             once(class_uid, "Implementation Class UID")
-            uid = _pyn(_items.ImplementationClassUIDSubItem, data, sub_start, sub_end).implementation_class_uid
+            uid = _uid_item(_items.ImplementationClassUIDSubItem, data, sub_start, sub_end)
             if not uid:
                 raise _invalid("empty Implementation Class UID")
             class_uid = str(uid)
@@ -882,12 +912,6 @@ def _user_information(obj, identity_item):
     return info
 
 
-def _application_context(obj):
-    item = _items.ApplicationContextItem()
-    item.application_context_name = _uid_for_wire(obj.application_context, "application_context")
-    return item
-
-
 def _check_context_id(context_id):
     if not (isinstance(context_id, int) and 1 <= context_id <= 255 and context_id & 1):
         raise ValueError(f"presentation context ID {context_id!r} must be odd, 1-255")
@@ -957,18 +981,54 @@ def _presentation_context_ac(context):
     return _cached_item(("ac", context.id, context.result, context.transfer_syntax), build)
 
 
+#: The fixed part of an A-ASSOCIATE-RQ/AC (PS3.8 9.3.2, 9.3.3): type,
+#: length, protocol version, called and calling AE titles, 32 reserved bytes.
+_ASSOCIATE_FIXED = struct.Struct(">BxIHxx16s16s32x")
+#: Encoded User Information items without a user identity sub-item (the
+#: same few again and again; identities, which carry credentials, are
+#: never cached).
+_USER_INFO_ITEMS = {}
+
+
+def _encode_associate(pdu_type, obj, context_items, identity_item):
+    """
+    An A-ASSOCIATE-RQ or -AC, assembled from its items: byte-identical to
+    pynetdicom's C{A_ASSOCIATE_RQ}/C{A_ASSOCIATE_AC} (tested), without its
+    per-field machinery.
+    """
+    called = validate_ae_title(obj.called_aet, "called AE title")
+    calling = validate_ae_title(obj.calling_aet, "calling AE title")
+    application = _cached_item(
+        ("application", obj.application_context),
+        lambda: _uid_sub_item(0x10, obj.application_context, "application_context"),
+    ).data
+    if identity_item is None:
+        key = (
+            obj.max_pdu_length, obj.implementation_class_uid, obj.implementation_version_name,
+            tuple((r.abstract_syntax, bool(r.scu), bool(r.scp)) for r in obj.roles), obj.async_ops,
+            tuple(bytes(raw) for raw in obj.extended_negotiation),
+        )
+        user = _USER_INFO_ITEMS.get(key)
+        if user is None:
+            user = _user_information(obj, None).encode()
+            if len(_USER_INFO_ITEMS) < _MAX_CACHED_CONTEXT_ITEMS:
+                _USER_INFO_ITEMS[key] = user
+    else:
+        user = _user_information(obj, identity_item).encode()
+    items = b"".join([application, *(item.data for item in context_items), user])
+    if not 0 <= obj.protocol_version <= 0xFFFF:
+        raise ValueError(f"protocol version {obj.protocol_version!r} out of range")
+    fixed = _ASSOCIATE_FIXED.pack(
+        pdu_type, 68 + len(items), obj.protocol_version, called.ljust(16).encode("ascii"),
+        calling.ljust(16).encode("ascii"),
+    )
+    return fixed + items
+
+
 def _encode_associate_rq(obj):
-    validate_ae_title(obj.called_aet, "called AE title")
-    validate_ae_title(obj.calling_aet, "calling AE title")
     if not obj.contexts:
         raise ValueError("an A-ASSOCIATE-RQ needs at least one presentation context")
-    pdu = _pdu.A_ASSOCIATE_RQ()
-    pdu.protocol_version = obj.protocol_version
-    pdu.called_ae_title = obj.called_aet
-    pdu.calling_ae_title = obj.calling_aet
-    pdu.variable_items.append(_application_context(obj))
-    for context in obj.contexts:
-        pdu.variable_items.append(_presentation_context_rq(context))
+    contexts = [_presentation_context_rq(context) for context in obj.contexts]
     identity = None
     if obj.user_identity is not None:
         ui = obj.user_identity
@@ -980,20 +1040,11 @@ def _encode_associate_rq(obj):
         identity.positive_response_requested = int(bool(ui.response_requested))
         identity.primary_field = primary
         identity.secondary_field = secondary
-    pdu.variable_items.append(_user_information(obj, identity))
-    return pdu.encode()
+    return _encode_associate(A_ASSOCIATE_RQ, obj, contexts, identity)
 
 
 def _encode_associate_ac(obj):
-    validate_ae_title(obj.called_aet, "called AE title")
-    validate_ae_title(obj.calling_aet, "calling AE title")
-    pdu = _pdu.A_ASSOCIATE_AC()
-    pdu.protocol_version = obj.protocol_version
-    pdu.reserved_aet = obj.called_aet
-    pdu.reserved_aec = obj.calling_aet
-    pdu.variable_items.append(_application_context(obj))
-    for context in obj.contexts:
-        pdu.variable_items.append(_presentation_context_ac(context))
+    contexts = [_presentation_context_ac(context) for context in obj.contexts]
     identity = None
     if obj.user_identity_response is not None:
         response = bytes(obj.user_identity_response)
@@ -1001,8 +1052,7 @@ def _encode_associate_ac(obj):
             raise ValueError("user identity response limited to 65535 bytes")
         identity = _items.UserIdentitySubItemAC()
         identity.server_response = response
-    pdu.variable_items.append(_user_information(obj, identity))
-    return pdu.encode()
+    return _encode_associate(A_ASSOCIATE_AC, obj, contexts, identity)
 
 
 def _encode_associate_rj(obj):

@@ -150,15 +150,7 @@ class _SubStore(_StoreOperation):
         first.
         """
         held = self._release()
-        if not self._open():
-            return
-        data = bytes(memoryview(held)[self._meta_size :])
-        if data:
-            self._write(data)
-            if self._relpath is None and self._failed is None:
-                self._prefix.append(data)
-                self._prefix_size += len(data)
-                self._find_uids(final=False)
+        _StoreOperation.fragment(self, bytes(memoryview(held)[self._meta_size :]))
 
     def finish(self):
         if not self._in_memory or self._failed is not None:

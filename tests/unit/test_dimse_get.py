@@ -871,11 +871,12 @@ def test_memory_budget_delivers_the_part10_bytes_a_file_would_hold(tmp_path):
     assert budget.held == 0
 
 
-def test_data_set_outgrowing_the_budget_goes_to_a_file(tmp_path):
+@pytest.mark.parametrize("room", ["half a data set", "less than a fragment"])
+def test_data_set_outgrowing_the_budget_goes_to_a_file(tmp_path, room):
     originals = make_instances(2)
     p = Peers(tmp_path, service=FakeGetService(instances=lambda identifier: list(originals)))
     p.connect()
-    budget = MemoryBudget(dataset_size(originals[0]) // 2)
+    budget = MemoryBudget(dataset_size(originals[0]) // 2 if room == "half a data set" else 100)
     get = p.get(memory=budget)
     p.flush()
     assert result_of(get.result).ok

@@ -7,6 +7,7 @@ encoders.
 import random
 import struct
 
+import attr
 from pynetdicom import pdu as pyn_pdu
 from pynetdicom import pdu_items as pyn_items
 from pynetdicom import pdu_primitives as pyn_prim
@@ -303,6 +304,103 @@ class GoldenVectorRoundTripTests(SynchronousTestCase):
     def test_all_spaces_ae_title_not_encodable(self):
         for name in ("a_associate_rq_called", "a_associate_rq_calling"):
             self.assertRaises(ValueError, encode_pdu, _decode(PDU_VECTORS[name]))
+
+
+def _pynetdicom_associate(obj):
+    """
+    The same A-ASSOCIATE-RQ/AC encoded field by field with pynetdicom's
+    own PDU and item classes.
+    """
+    requesting = isinstance(obj, AssociateRQ)
+    out = pyn_pdu.A_ASSOCIATE_RQ() if requesting else pyn_pdu.A_ASSOCIATE_AC()
+    out.protocol_version = obj.protocol_version
+    if requesting:
+        out.called_ae_title, out.calling_ae_title = obj.called_aet, obj.calling_aet
+    else:
+        out.reserved_aet, out.reserved_aec = obj.called_aet, obj.calling_aet
+    item = pyn_items.ApplicationContextItem()
+    item.application_context_name = obj.application_context
+    out.variable_items.append(item)
+    for context in obj.contexts:
+        if requesting:
+            item = pyn_items.PresentationContextItemRQ()
+            item.presentation_context_id = context.id
+            sub = pyn_items.AbstractSyntaxSubItem()
+            sub.abstract_syntax_name = context.abstract_syntax
+            item.abstract_transfer_syntax_sub_items.append(sub)
+            for uid in context.transfer_syntaxes:
+                sub = pyn_items.TransferSyntaxSubItem()
+                sub.transfer_syntax_name = uid
+                item.abstract_transfer_syntax_sub_items.append(sub)
+        else:
+            item = pyn_items.PresentationContextItemAC()
+            item.presentation_context_id = context.id
+            item.result_reason = context.result
+            sub = pyn_items.TransferSyntaxSubItem()
+            sub.transfer_syntax_name = context.transfer_syntax
+            item.transfer_syntax_sub_item.append(sub)
+        out.variable_items.append(item)
+    user = []
+    sub = pyn_items.MaximumLengthSubItem()
+    sub.maximum_length_received = obj.max_pdu_length
+    user.append(sub)
+    sub = pyn_items.ImplementationClassUIDSubItem()
+    sub.implementation_class_uid = obj.implementation_class_uid
+    user.append(sub)
+    if obj.implementation_version_name is not None:
+        sub = pyn_items.ImplementationVersionNameSubItem()
+        sub.implementation_version_name = obj.implementation_version_name
+        user.append(sub)
+    for role in obj.roles:
+        sub = pyn_items.SCP_SCU_RoleSelectionSubItem()
+        sub.sop_class_uid = role.abstract_syntax
+        sub.scu_role, sub.scp_role = int(role.scu), int(role.scp)
+        user.append(sub)
+    if obj.async_ops is not None:
+        sub = pyn_items.AsynchronousOperationsWindowSubItem()
+        sub.maximum_number_operations_invoked, sub.maximum_number_operations_performed = obj.async_ops
+        user.append(sub)
+    item = pyn_items.UserInformationItem()
+    item.user_data = user
+    out.variable_items.append(item)
+    return out.encode()
+
+
+class AssociateEncodingTests(SynchronousTestCase):
+    """
+    A-ASSOCIATE-RQ/AC are assembled directly (the user information item
+    cached by content): byte for byte what pynetdicom encodes.
+    """
+
+    def test_byte_identical_to_pynetdicom(self):
+        contexts_rq = [PresentationContextRQ(1, VERIFICATION, [IMPLICIT]), PresentationContextRQ(3, CT, [EXPLICIT, IMPLICIT])]
+        contexts_ac = [PresentationContextAC(1, 0, IMPLICIT), PresentationContextAC(3, 0, EXPLICIT)]
+        for called, calling in (("ANY-SCP", "ECHOSCU"), ("A", "B" * 16), ("  LEAD", "MID DLE"), ("X" * 16, "y~!")):
+            for max_length, version, roles, async_ops in (
+                (16384, "HARMONY_1", [], None),
+                (0, None, [RoleSelection(CT, False, True)], (1, 1)),
+                (0xFFFFFFFF, "V", [RoleSelection(CT, True, True), RoleSelection(MR, False, True)], (0, 5)),
+            ):
+                common = dict(
+                    called_aet=called, calling_aet=calling, max_pdu_length=max_length,
+                    implementation_class_uid="1.2.826.0.1.3680043.9.3811.2", implementation_version_name=version,
+                    roles=roles, async_ops=async_ops,
+                )
+                for obj in (AssociateRQ(contexts=contexts_rq, **common), AssociateAC(contexts=contexts_ac, **common)):
+                    expected = _pynetdicom_associate(obj)
+                    self.assertEqual(encode_pdu(obj), expected, obj)
+                    self.assertEqual(encode_pdu(obj), expected, obj)  # from the cache
+                    # Read back: AE titles arrive without their padding spaces.
+                    stripped = attr.evolve(obj, called_aet=called.strip(), calling_aet=calling.strip())
+                    self.assertEqual(_decode(expected), stripped)
+
+    def test_invalid_fields_are_refused(self):
+        good = dict(called_aet="ANY-SCP", calling_aet="ECHOSCU", contexts=[PresentationContextRQ(1, CT, [IMPLICIT])],
+                    max_pdu_length=16384, implementation_class_uid="1.2.3")
+        encode_pdu(AssociateRQ(**good))
+        for bad in ({"called_aet": ""}, {"calling_aet": "X" * 17}, {"max_pdu_length": -1},
+                    {"implementation_class_uid": ""}, {"application_context": "x" * 65}, {"protocol_version": 1 << 16}):
+            self.assertRaises(ValueError, encode_pdu, AssociateRQ(**{**good, **bad}))
 
 
 class PDataTFTests(SynchronousTestCase):
@@ -639,6 +737,31 @@ class MalformedAssociateTests(SynchronousTestCase):
     def test_non_ascii_abstract_syntax(self):
         ctx = vectors.presentation_context_rq_utf8.replace(b"\x4d\x00\xff\x00", b"\x01\x00\x00\x00")
         self.assertReason(6, _rq_body([APP_CONTEXT, ctx, _user_info()]))
+
+    def test_uids_read_as_pynetdicom_reads_them(self):
+        """
+        Conformant UIDs are read directly; any other goes through
+        pynetdicom's item class: the result (or the refusal) is the same.
+        """
+        uids = [
+            b"1.2.840.10008.1.2", b"1.2.840.10008.1.2\x00", b"0", b"1.0.3", b"1." * 31 + b"12",
+            b"1.02.3", b"1.2.", b".1.2", b"1..2", b"1.2 ", b"1.2\x00\x00", b"a.b", b"1.2.3x", b"",
+            b"1." * 32 + b"1",
+        ]
+        for raw in uids:
+            body = _rq_body([APP_CONTEXT, _context_rq(subs=[_item(0x30, raw), _item(0x40, IMPLICIT.encode())]),
+                             _user_info()])
+            expected = pyn_items.AbstractSyntaxSubItem()
+            try:
+                expected.decode(_item(0x30, raw))
+            except (ValueError, TypeError):
+                expected = None
+            if expected is None or not expected.abstract_syntax_name:
+                self.assertRaises(PDUError, decode_pdu, A_ASSOCIATE_RQ, body)
+                continue
+            rq = decode_pdu(A_ASSOCIATE_RQ, body)
+            self.assertEqual(rq.contexts[0].abstract_syntax, str(expected.abstract_syntax_name), raw)
+            self.assertIs(type(rq.contexts[0].abstract_syntax), str)
 
     def test_uid_too_long(self):
         ctx = _context_rq(subs=[_item(0x30, b"1." * 40 + b"1"), _item(0x40, IMPLICIT.encode())])
