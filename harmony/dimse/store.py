@@ -57,13 +57,8 @@ class StoreService:
         self._hooked = set()
         self._spares_off = False
 
-    # -- spare writers: with fsync, the next instance's temporary file is
-    # -- created in the thread pool while the peer prepares that instance (a
-    # -- durable store's commits go there anyway).  Without fsync, files are
-    # -- created, written and renamed on the reactor thread: tens of
-    # -- microseconds each, less than handing the creation to a thread (on a
-    # -- busy core that handoff cost more than half the CPU of a small
-    # -- instance: 0.78 -> 0.55 ms per 39 KB instance without it).
+    # -- spare writers: the next instance's temporary file is created in the
+    # -- thread pool while the peer prepares that instance.
 
     def take_writer(self, association):
         spare = self._spares.pop(association, None)
@@ -74,13 +69,7 @@ class StoreService:
 
     def prepare_writer(self, association):
         prepare = getattr(self.storage, "prepare_writer", None)
-        if (
-            prepare is None
-            or not self.fsync
-            or self._spares_off
-            or association._closed
-            or association in self._spares
-        ):
+        if prepare is None or self._spares_off or association._closed or association in self._spares:
             return
         if association not in self._hooked:
             self._hooked.add(association)
