@@ -83,6 +83,10 @@ OPTIONS = Schema(
             "instances retrieved for a DIMSE C-GET/C-MOVE relay or a JMIX build are held in memory up to this many "
             "MiB per retrieve instead of a spool file (0: always spool)",
         ),
+        "retrieve_memory_total_mib": Field(
+            Number(min=0), 256.0,
+            "at most this many MiB held that way by all the backend's retrieves together (beyond: spool files)",
+        ),
         "association_idle_secs": Field(
             Number(min=0), 0.0,
             "keep associations with the PACS open this long between C-ECHO/C-FIND/C-STORE operations for reuse "
@@ -284,6 +288,8 @@ class DicomScuBackend:
         self._client = None
         self._storage = None
         self._spool = None
+        #: What all this backend's retrieves may hold in memory together.
+        self._memory = MemoryBudget(int(options.retrieve_memory_total_mib * 1024 * 1024))
         self._tls, self.incoming_tls = self._tls_settings(name, options, self._config)
         self._pool = AssociationPool(self._reactor, options.association_idle_secs, options.max_idle_associations)
         router = getattr(context, "move_router", None)
@@ -437,7 +443,9 @@ class DicomScuBackend:
             # choice, whatever the requester's operation was.
             spool = self._spool_storage()
             budget = int(self.options.retrieve_memory_mib * 1024 * 1024)
-            memory = MemoryBudget(budget) if request.accept_in_memory and budget > 0 else None
+            memory = None
+            if request.accept_in_memory and budget > 0 and self._memory.limit > 0:
+                memory = MemoryBudget(budget, parent=self._memory)
             # One area per retrieve: what a cancelled relay never took is
             # removed with it once the retrieve has settled.
             area = uuid.uuid4().hex

@@ -32,12 +32,16 @@ class MemoryBudget:
     """
     The bytes of relayed instances one retrieve may hold in memory at a
     time (received, not yet disposed of by the consumer).
+
+    @param parent: a budget shared with other retrieves (all of a
+        backend's), drawn on too: a reservation needs room in both.
     """
 
-    def __init__(self, limit):
+    def __init__(self, limit, parent=None):
         if limit < 0:
             raise ValueError("a memory budget cannot be negative")
         self.limit = limit
+        self.parent = parent
         self.held = 0
 
     def take(self, n):
@@ -46,6 +50,8 @@ class MemoryBudget:
         """
         if self.held + n > self.limit:
             return False
+        if self.parent is not None and not self.parent.take(n):
+            return False
         self.held += n
         return True
 
@@ -53,7 +59,10 @@ class MemoryBudget:
         """
         Return C{n} reserved bytes.
         """
-        self.held = max(self.held - n, 0)
+        n = min(n, self.held)
+        self.held -= n
+        if self.parent is not None:
+            self.parent.give(n)
 
 
 class SubStoreService(StoreService):

@@ -416,6 +416,31 @@ class MemoryRelayTests(RetrieveTestCase):
         self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
         self.assertIsNot(first.memory, second.memory)
 
+    def test_retrieves_share_the_backend_total(self):
+        first, second = FakeAssociation(), FakeAssociation()
+        client = FakeClient(first)
+        b = self.backend(client, retrieve_memory_mib=1, retrieve_memory_total_mib=1.5)
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        client.association = second
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        mib = 1024 * 1024
+        self.assertIs(first.memory.parent, second.memory.parent)
+        self.assertTrue(first.memory.take(mib))
+        # The second retrieve has room of its own, not in the total.
+        self.assertFalse(second.memory.take(mib))
+        self.assertTrue(second.memory.take(mib // 2))
+        held = (first.memory.held, second.memory.held, first.memory.parent.held)
+        self.assertEqual(held, (mib, mib // 2, mib * 3 // 2))
+        first.memory.give(mib)
+        self.assertTrue(second.memory.take(mib // 2))
+        self.assertEqual(second.memory.parent.held, mib)
+
+    def test_no_total_means_files_only(self):
+        association = FakeAssociation()
+        b = self.backend(FakeClient(association), retrieve_memory_total_mib=0)
+        self.successResultOf(b.handle(dicom_envelope("get", accept_in_memory=True)))
+        self.assertIsNone(association.memory)
+
     def test_move_gets_the_budget(self):
         association = FakeAssociation()
         b = self.backend(FakeClient(association), dimse_retrieve_mode="move")

@@ -984,3 +984,13 @@ def test_memory_budget_arguments():
     assert budget.take(6) and not budget.take(5) and budget.held == 6
     budget.give(6)
     assert budget.held == 0 and budget.take(10)
+
+
+def test_memory_budget_with_a_shared_total():
+    total = MemoryBudget(10)
+    a, b = MemoryBudget(8, parent=total), MemoryBudget(8, parent=total)
+    assert a.take(6) and not b.take(5) and b.take(4)
+    assert (a.held, b.held, total.held) == (6, 4, 10)
+    a.give(100)  # never more than it holds
+    assert (a.held, total.held) == (0, 4)
+    assert not b.take(5) and b.take(4) and total.held == 8
