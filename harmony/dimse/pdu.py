@@ -6,13 +6,18 @@ Sans-IO: no Twisted, no sockets. L{PDUFramer} cuts a byte stream into
 PDUs; L{decode_pdu} turns a PDU into a model object and L{encode_pdu}
 turns a model object into the bytes of a whole PDU.
 
-The A-ASSOCIATE-RQ/AC/RJ PDUs (the rare path) are encoded with
-pynetdicom's codec classes (L{pynetdicom.pdu}, L{pynetdicom.pdu_items}),
-so the bytes are pynetdicom's. Received ones are first walked by a
-structural validator here (every item and sub-item length is checked, so
-malformed input ends in a L{PDUError} carrying the PS3.8 A-ABORT reason,
-never in an C{AssertionError} or C{KeyError} from deep inside the codec)
-and each known item is then decoded by its pynetdicom item class. Items of
+The A-ASSOCIATE-RQ/AC/RJ PDUs (one per association) produce pynetdicom's
+bytes: the A-ASSOCIATE-RJ and the User Information sub-items are encoded
+with its codec classes (L{pynetdicom.pdu}, L{pynetdicom.pdu_items}); the
+fixed fields, the UID items and the presentation context items of an
+A-ASSOCIATE-RQ/AC are C{struct}-assembled (byte-identical, tested) and
+cached by content, as is a User Information item without a user identity
+(one carrying credentials is never kept).  Received ones are first walked
+by a structural validator here (every item and sub-item length is
+checked, so malformed input ends in a L{PDUError} carrying the PS3.8
+A-ABORT reason, never in an C{AssertionError} or C{KeyError} from deep
+inside the codec); conformant UIDs are then read directly and every other
+known item is decoded by its pynetdicom item class.  Items of
 unrecognised types are skipped (PS3.8 9.3.1); unrecognised User
 Information sub-items are kept opaque, like the SOP Class (Common)
 Extended Negotiation sub-items.
@@ -1005,7 +1010,8 @@ def _encode_associate(pdu_type, obj, context_items, identity_item):
     if identity_item is None:
         key = (
             obj.max_pdu_length, obj.implementation_class_uid, obj.implementation_version_name,
-            tuple((r.abstract_syntax, bool(r.scu), bool(r.scp)) for r in obj.roles), obj.async_ops,
+            tuple((r.abstract_syntax, bool(r.scu), bool(r.scp)) for r in obj.roles),
+            None if obj.async_ops is None else tuple(obj.async_ops),
             tuple(bytes(raw) for raw in obj.extended_negotiation),
         )
         user = _USER_INFO_ITEMS.get(key)
