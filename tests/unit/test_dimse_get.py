@@ -689,6 +689,28 @@ def test_cancelling_the_stream_cancels_the_get(peers):
     assert result_of(get.result).cancelled
 
 
+def send_part_of_a_store(peers, request, pdus_sent=3):
+    """
+    The fake SCP sends the first PDUs of a C-STORE sub-operation (command
+    and part of a new instance's data set), no more.
+    """
+    ds = make_instances(1)[0]
+    fields = {
+        "AffectedSOPClassUID": CT,
+        "CommandField": messages.C_STORE_RQ,
+        "MessageID": 999,
+        "Priority": 0,
+        "CommandDataSetType": messages.DATASET_PRESENT,
+        "AffectedSOPInstanceUID": ds.SOPInstanceUID,
+    }
+    context = request.storage_context(CT)
+    pdus = list(messages.fragment(context.id, messages.encode_command(fields), encode_identifier(ds, EXPLICIT), 4096))
+    assert len(pdus) > pdus_sent
+    for chunk in pdus[:pdus_sent]:
+        peers.server_protocol.transport.write(bytes(chunk))
+    peers.flush()
+
+
 def test_abort_mid_sub_operation(peers):
     peers.service.auto = False
     get = peers.get()
@@ -698,23 +720,7 @@ def test_abort_mid_sub_operation(peers):
     peers.flush()
     delivered = result_of(get.instances.read())
     # The second data set arrives half, then the peer aborts.
-    ds = make_instances(1)[0]
-    data = encode_identifier(ds, EXPLICIT)
-    context = request.storage_context(CT)
-    fields = {
-        "AffectedSOPClassUID": CT,
-        "CommandField": messages.C_STORE_RQ,
-        "MessageID": 999,
-        "Priority": 0,
-        "CommandDataSetType": messages.DATASET_PRESENT,
-        "AffectedSOPInstanceUID": ds.SOPInstanceUID,
-    }
-    pdus = list(messages.fragment(context.id, messages.encode_command(fields), data, 4096))
-    assert len(pdus) > 3
-    transport = peers.server_protocol.transport
-    for chunk in pdus[:3]:
-        transport.write(chunk if isinstance(chunk, (bytes, bytearray)) else bytes(chunk))
-    peers.flush()
+    send_part_of_a_store(peers, request)
     assert not has_fired(get.result)
     assert len(peers.temp_files()) == 1
     peers.server_protocol.abort()
@@ -957,20 +963,7 @@ def test_abort_mid_data_set_in_memory_gives_the_budget_back(tmp_path):
     get = p.get(memory=budget)
     p.flush()
     [request] = p.service.requests
-    ds = make_instances(1)[0]
-    context = request.storage_context(CT)
-    fields = {
-        "AffectedSOPClassUID": CT,
-        "CommandField": messages.C_STORE_RQ,
-        "MessageID": 999,
-        "Priority": 0,
-        "CommandDataSetType": messages.DATASET_PRESENT,
-        "AffectedSOPInstanceUID": ds.SOPInstanceUID,
-    }
-    pdus = list(messages.fragment(context.id, messages.encode_command(fields), encode_identifier(ds, EXPLICIT), 4096))
-    for chunk in pdus[:3]:
-        p.server_protocol.transport.write(bytes(chunk))
-    p.flush()
+    send_part_of_a_store(p, request)
     assert budget.held > 0
     p.server_protocol.abort()
     p.flush()
