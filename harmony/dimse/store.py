@@ -12,6 +12,8 @@ sub-operation of a C-MOVE Harmony asked for is handed to that move instead
 (stored into its storage, delivered on its instance stream; no pipeline).
 """
 
+from collections import deque
+
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 
@@ -30,6 +32,27 @@ log = logger("harmony.dimse.store")
 #: the Study and Series Instance UIDs that name the file (the fragments
 #: themselves go to the file as they arrive).
 MAX_PREFIX = 4 * 1024 * 1024
+
+#: Files made ready at most per association ahead of its next instances.
+MAX_SPARES = 8
+
+
+class _Spares:
+    """
+    The files made ready for an association's next instances.
+
+    @ivar ready: L{harmony.storage.interfaces.IStorageWriter}s, oldest first.
+    @ivar pending: the Deferred of a batch being made, or C{None}.
+    @ivar batch: how many to hold after each batch (doubled, up to
+        L{MAX_SPARES}, each time an instance arrived before its file).
+    """
+
+    __slots__ = ("ready", "pending", "batch")
+
+    def __init__(self):
+        self.ready = deque()
+        self.pending = None
+        self.batch = 1
 
 
 class StoreService:
@@ -53,61 +76,76 @@ class StoreService:
         self.fsync = fsync
         self.pipeline = pipeline
         self.router = router
+        #: association -> L{_Spares}
         self._spares = {}
-        self._hooked = set()
         self._spares_off = False
 
-    # -- spare writers: the next instance's temporary file is created in the
-    # -- thread pool while the peer prepares that instance.
+    # -- spare writers: the next instances' temporary files are created in
+    # -- the thread pool while the peer prepares those instances.
 
     def take_writer(self, association):
-        spare = self._spares.pop(association, None)
-        if spare is not None and not isinstance(spare, defer.Deferred):
-            return spare
-        # Not ready yet: it is aborted when it is (see prepare_writer).
+        spares = self._spares.get(association)
+        if spares is not None:
+            if spares.ready:
+                return spares.ready.popleft()
+            if spares.pending is not None:
+                # The pool is behind the peer: more files per batch from now
+                # on.  Those being made serve the next instances.
+                spares.batch = min(MAX_SPARES, spares.batch * 2)
         return self.storage.open_writer(fsync=self.fsync)
 
     def prepare_writer(self, association):
-        prepare = getattr(self.storage, "prepare_writer", None)
-        if prepare is None or self._spares_off or association._closed or association in self._spares:
+        """
+        Have files ready for the next instances on C{association}: a batch
+        is made once at most half of L{_Spares.batch} are left (one file
+        at first; more while the pool cannot keep up with the peer).
+        """
+        prepare = getattr(self.storage, "prepare_writers", None)
+        if prepare is None or self._spares_off or association._closed:
             return
-        if association not in self._hooked:
-            self._hooked.add(association)
+        spares = self._spares.get(association)
+        if spares is None:
+            spares = self._spares[association] = _Spares()
             association.ended.addBoth(self._drop_spare, association)
-        d = prepare(fsync=self.fsync)
-        self._spares[association] = d
+        elif spares.pending is not None or len(spares.ready) > spares.batch // 2:
+            return
+        d = spares.pending = prepare(spares.batch - len(spares.ready), fsync=self.fsync)
 
-        def ready(writer):
-            if self._spares.get(association) is d and not association._closed:
-                self._spares[association] = writer
+        def ready(writers):
+            if self._spares.get(association) is spares and spares.pending is d:
+                spares.pending = None
+                spares.ready.extend(writers)
             else:
-                writer.abort()
+                for writer in writers:
+                    writer.abort()
 
         def failed(failure):
-            if self._spares.get(association) is d:
-                del self._spares[association]
+            if self._spares.get(association) is spares and spares.pending is d:
+                spares.pending = None
             if not failure.check(defer.CancelledError):
                 log.warn("Preparing a storage file failed: {error}", error=failure.getErrorMessage())
 
         d.addCallbacks(ready, failed)
 
     def _drop_spare(self, result, association):
-        self._hooked.discard(association)
-        spare = self._spares.pop(association, None)
-        if spare is not None and not isinstance(spare, defer.Deferred):
-            spare.abort()
+        spares = self._spares.pop(association, None)
+        if spares is not None:
+            # Those still being made are removed when ready (see prepare_writer).
+            spares.pending = None
+            while spares.ready:
+                spares.ready.popleft().abort()
         return result
 
     def drop_spare(self, association):
         """
-        Abort the spare writer prepared for a next instance on
+        Remove the spare files prepared for next instances on
         C{association} (no more are expected there).
         """
         self._drop_spare(None, association)
 
     def drop_spares(self):
         """
-        Abort every spare writer and prepare no more (this service's work is
+        Remove every spare file and prepare no more (this service's work is
         over: the C-MOVE it received instances for has ended).
         """
         self._spares_off = True

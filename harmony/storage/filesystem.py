@@ -361,16 +361,29 @@ class FilesystemStorage(Service):
         path = None if relpath is None else self._path(relpath)
         return FileWriter(self, relpath, path, fsync=fsync, sha256=sha256)
 
-    def prepare_writer(self, fsync=False, sha256=False):
+    def prepare_writers(self, count, fsync=False, sha256=False):
         """
-        A writer without a relpath (given at commit), its temporary file
-        created in the thread pool: file creation costs a journal update,
-        which a caller that knows it will need a writer soon (the C-STORE
-        SCP, between instances) keeps off its critical path this way.
+        C{count} writers without a relpath (given at commit), their
+        temporary files created in the thread pool, in one go: file
+        creation costs a journal update, which a caller that knows it will
+        need writers soon (the C-STORE SCP, between instances) keeps off
+        its critical path this way.
 
-        @return: Deferred[L{FileWriter}]
+        @return: Deferred[list of L{FileWriter}]; when one cannot be
+            created, those created already are removed and it fails.
         """
-        return self._in_thread(FileWriter, self, None, None, fsync=fsync, sha256=sha256)
+        return self._in_thread(self._new_writers, count, fsync, sha256)
+
+    def _new_writers(self, count, fsync, sha256):
+        writers = []
+        try:
+            for _ in range(count):
+                writers.append(FileWriter(self, None, None, fsync=fsync, sha256=sha256))
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        return writers
 
     def write_stream(self, relpath, source, fsync=False, sha256=False):
         path = self._path(relpath)

@@ -202,8 +202,10 @@ class _FailingStorage(FilesystemStorage):
     def open_writer(self, *args, **kwargs):
         return self._wrap(FilesystemStorage.open_writer(self, *args, **kwargs))
 
-    def prepare_writer(self, *args, **kwargs):
-        return FilesystemStorage.prepare_writer(self, *args, **kwargs).addCallback(self._wrap)
+    def prepare_writers(self, *args, **kwargs):
+        return FilesystemStorage.prepare_writers(self, *args, **kwargs).addCallback(
+            lambda writers: [self._wrap(writer) for writer in writers]
+        )
 
 
 @pytest_twisted.inlineCallbacks

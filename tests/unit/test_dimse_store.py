@@ -28,7 +28,7 @@ from harmony.dimse.scu import (
     DicomClient,
     read_part10_header,
 )
-from harmony.dimse.store import StoreService
+from harmony.dimse.store import MAX_SPARES, StoreService
 from harmony.envelope import DicomInstance, DicomResult, ResponseEnvelope
 from harmony.errors import UpstreamTimeout
 from harmony.storage.dicom import DEFAULT_LAYOUT
@@ -377,6 +377,108 @@ def test_next_file_is_prepared_in_the_thread_pool(tmp_path, fsync):
     assert peers.run(association.release()) is None
     for name in names:
         check_stored(peers, data_file(name))
+
+
+class _HeldPool:
+    """Holds "thread pool" work until L{run_all}; records each call's arguments."""
+
+    def __init__(self):
+        self.held = []
+        self.calls = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.calls.append(args)
+        self.held.append((on_result, f, args, kwargs))
+
+    def run_all(self):
+        held, self.held = self.held, []
+        for on_result, f, args, kwargs in held:
+            try:
+                result = f(*args, **kwargs)
+            except Exception:
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+
+
+def test_spare_files_made_late_serve_the_next_instances(tmp_path):
+    """
+    An instance that arrives before its spare file is ready gets a file of
+    its own at once; the file being made is kept for a next instance (not
+    created and removed for nothing), and from then on files are made
+    several at a time; the unused ones go at the association's end.
+    """
+    storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
+    storage.threadpool = pool = _HeldPool()
+    peers = Peers(tmp_path, storage=storage)
+    association = peers.connect()
+    names = ["CT_small.dcm", "MR_small.dcm", "CT_small.dcm"]
+    # The first: no spare yet; then one is asked for (count 1).
+    assert peers.run(association.store_file(data_file(names[0]))).ok
+    assert [args[0] for args in pool.calls] == [1]
+    # The second arrives before the pool ran: a file of its own; the
+    # batch grows; nothing more is asked for while one is being made.
+    assert peers.run(association.store_file(data_file(names[1]))).ok
+    assert [args[0] for args in pool.calls] == [1]
+    pool.run_all()
+    assert len(peers.temp_files()) == 1  # the late spare, kept
+    # The third takes it; then two are asked for in one call.
+    assert peers.run(association.store_file(data_file(names[2]))).ok
+    assert peers.temp_files() == []
+    assert [args[0] for args in pool.calls] == [1, 2]
+    pool.run_all()
+    assert len(peers.temp_files()) == 2
+    assert peers.run(association.release()) is None
+    assert peers.temp_files() == []
+    for name in names:
+        check_stored(peers, data_file(name))
+
+
+def test_spares_never_exceed_the_maximum(tmp_path):
+    """
+    However far the pool falls behind, at most MAX_SPARES files are made
+    ready per association, and a batch made after the association ended
+    is removed when ready.
+    """
+    storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
+    storage.threadpool = pool = _HeldPool()
+    peers = Peers(tmp_path, storage=storage)
+    association = peers.connect()
+    for _ in range(12):
+        # Every instance arrives while a batch is being made.
+        assert peers.run(association.store_file(data_file("CT_small.dcm"))).ok
+        pool.run_all()
+        assert len(peers.temp_files()) <= MAX_SPARES
+    assert max(args[0] for args in pool.calls) <= MAX_SPARES
+    assert peers.run(association.store_file(data_file("CT_small.dcm"))).ok
+    assert pool.held  # a batch still being made
+    assert peers.run(association.release()) is None
+    pool.run_all()
+    assert peers.temp_files() == []
+
+
+def test_prepare_writers_removes_the_created_files_when_one_fails(tmp_path):
+    storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
+    storage.threadpool = _SyncPool()
+    made = []
+    real = storage._new_temp_path
+
+    def new_temp_path():
+        if len(made) == 2:
+            raise OSError(28, "No space left on device")
+        made.append(real())
+        return made[-1]
+
+    storage._new_temp_path = new_temp_path
+    failure = failure_of(storage.prepare_writers(3))
+    assert failure.check(OSError)
+    assert made and not any(os.path.exists(path) for path in made)
+    storage._new_temp_path = real
+    writers = result_of(storage.prepare_writers(3))
+    assert len(writers) == 3 and all(os.path.exists(w.temp_path) for w in writers)
+    for writer in writers:
+        writer.abort()
+    assert not os.listdir(os.path.join(storage.root, ".tmp"))
 
 
 def test_other_transfer_syntax(tmp_path):
