@@ -673,15 +673,46 @@ def split_cores():
     return ncpu, "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
 
 
+def first_touch_us(mib=64):
+    """
+    Microseconds to fault in one fresh 4 KiB page of anonymous memory (the
+    mean over C{mib} MiB): ~0.3-1 us on bare metal; more in a VM whose
+    host takes back the memory its guest frees (free page reporting), where
+    every page written for the first time (page cache for a stored file,
+    a new receive buffer) costs that much system time.
+    """
+    import mmap
+
+    size = mib << 20
+    area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        start = time.perf_counter()
+        for offset in range(0, size, 4096):
+            area[offset] = 1
+        return (time.perf_counter() - start) / (size // 4096) * 1e6
+    finally:
+        area.close()
+
+
+def print_memory_probe():
+    """
+    The header line with L{first_touch_us}.
+    """
+    print(f"  memory      first touch of a fresh page {first_touch_us():.1f} us (see bench/README.md: "
+          f"\"Fresh memory\")")
+
+
 def print_setup(ncpu, harmony_cores, client_cores, clients, workdir):
     """
-    The cores, environment and work directory lines of a bench's header.
+    The cores, environment, memory and work directory lines of a bench's
+    header.
     """
     if harmony_cores is not None:
         print(f"  cores       {ncpu}: Harmony on core {harmony_cores}; {clients} on {client_cores}")
     else:
         print("  cores       1: no pinning")
     print("  env         TCP_NODELAY=1 for every child; everything on 127.0.0.1")
+    print_memory_probe()
     print(f"  workdir     {workdir}", flush=True)
 
 

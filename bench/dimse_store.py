@@ -49,6 +49,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from dimse_query import print_memory_probe  # noqa: E402  (the header's memory line)
+
 PYTHON = sys.executable
 SHIM_SRC = os.path.join(REPO, "tests", "integration", "bind_loopback.c")
 OTHER_CPU_WARN = 20  # % of one core busy outside our processes -> warn
@@ -741,6 +744,7 @@ def main():
             "  env         TCP_NODELAY=1 for every child; clients connect to 127.0.0.1; storescu default "
             "options (PDU size, proposed contexts)"
         )
+        print_memory_probe()
         print(f"  workdir     {workdir}", flush=True)
         print(f"  received    {store_root}/recv-<server> ({fs_type(store_root)}; no server fsyncs)", flush=True)
 
