@@ -78,6 +78,8 @@ class StoreService:
         self.router = router
         #: association -> L{_Spares}
         self._spares = {}
+        #: The associations whose end removes their spares.
+        self._hooked = set()
         self._spares_off = False
 
     # -- spare writers: the next instances' temporary files are created in
@@ -103,10 +105,13 @@ class StoreService:
         prepare = getattr(self.storage, "prepare_writers", None)
         if prepare is None or self._spares_off or association._closed:
             return
+        if association not in self._hooked:
+            # Once per association (not per batch, nor per C-GET on it).
+            self._hooked.add(association)
+            association.ended.addBoth(self._association_ended, association)
         spares = self._spares.get(association)
         if spares is None:
             spares = self._spares[association] = _Spares()
-            association.ended.addBoth(self._drop_spare, association)
         elif spares.pending is not None or len(spares.ready) > spares.batch // 2:
             return
         d = spares.pending = prepare(spares.batch - len(spares.ready), fsync=self.fsync)
@@ -127,13 +132,9 @@ class StoreService:
 
         d.addCallbacks(ready, failed)
 
-    def _drop_spare(self, result, association):
-        spares = self._spares.pop(association, None)
-        if spares is not None:
-            # Those still being made are removed when ready (see prepare_writer).
-            spares.pending = None
-            while spares.ready:
-                spares.ready.popleft().abort()
+    def _association_ended(self, result, association):
+        self._hooked.discard(association)
+        self.drop_spare(association)
         return result
 
     def drop_spare(self, association):
@@ -141,7 +142,12 @@ class StoreService:
         Remove the spare files prepared for next instances on
         C{association} (no more are expected there).
         """
-        self._drop_spare(None, association)
+        spares = self._spares.pop(association, None)
+        if spares is not None:
+            # Those still being made are removed when ready (see prepare_writer).
+            spares.pending = None
+            while spares.ready:
+                spares.ready.popleft().abort()
 
     def drop_spares(self):
         """
@@ -150,7 +156,7 @@ class StoreService:
         """
         self._spares_off = True
         for association in list(self._spares):
-            self._drop_spare(None, association)
+            self.drop_spare(association)
 
     def _new_operation(self, association, context, command):
         # A subclass answers C-STORE sub-operations of a C-GET with its own

@@ -457,6 +457,69 @@ def test_spares_never_exceed_the_maximum(tmp_path):
     assert peers.temp_files() == []
 
 
+class _FakeWriter:
+    def __init__(self):
+        self.aborted = False
+
+    def abort(self):
+        self.aborted = True
+
+
+class _Ended:
+    """An association's C{ended}, counting who watches it."""
+
+    def __init__(self):
+        self.watchers = []
+
+    def addBoth(self, f, *args):
+        self.watchers.append((f, args))
+
+    def fire(self):
+        for f, args in self.watchers:
+            f(None, *args)
+
+
+class _FakeAssociation:
+    _closed = False
+
+    def __init__(self):
+        self.ended = _Ended()
+
+
+def test_an_association_end_is_watched_once_whatever_the_batches():
+    """
+    Spares dropped and prepared again on one association (a C-GET after
+    another) add no more callbacks to its end; its end removes the spares
+    still there, and one made after it is removed once ready.
+    """
+    made = []
+
+    class Storage:
+        def prepare_writers(self, count, fsync=False):
+            made.append(defer.Deferred())
+            return made[-1]
+
+    service = StoreService(Storage(), DEFAULT_LAYOUT)
+    association = _FakeAssociation()
+    service.prepare_writer(association)
+    made[-1].callback([_FakeWriter()])
+    service.drop_spare(association)
+    service.prepare_writer(association)
+    first = _FakeWriter()
+    made[-1].callback([first])
+    service.prepare_writer(association)  # one is ready: nothing asked for
+    assert len(made) == 2
+    assert len(association.ended.watchers) == 1
+    taken = service.take_writer(association)
+    assert taken is first
+    service.prepare_writer(association)
+    assert len(made) == 3
+    association.ended.fire()
+    late = _FakeWriter()
+    made[-1].callback([late])
+    assert late.aborted and not first.aborted
+
+
 def test_prepare_writers_removes_the_created_files_when_one_fails(tmp_path):
     storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
     storage.threadpool = _SyncPool()
