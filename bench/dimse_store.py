@@ -870,15 +870,17 @@ def main():
         for rnd in range(1, args.repeat + 1):
             if args.repeat > 1:
                 print(f" round {rnd} of {args.repeat}", flush=True)
-            # 4. one association per corpus and server
-            single = [harmony, dcmtk, pyn]
+            # 4. one association per corpus and server, the servers' order
+            # rotated from round to round: the machine's drift during a
+            # round (see bench/README.md, "Fresh memory") favours no server.
+            single = rotated([harmony, dcmtk, pyn], rnd - 1)
             for name in ("small", "large", "huge"):
                 if name in corpus:
                     for s in single:
                         runner.storescu(s, corpus[name], name)
             # 5. concurrent associations
             if args.concurrency > 1 and args.small:
-                for s in (harmony, dcmtk, dcmtk_fork):
+                for s in rotated([harmony, dcmtk, dcmtk_fork], rnd - 1):
                     runner.storescu(s, corpus["small"], "small", concurrency=args.concurrency)
             # 6. SCU: storescu vs Harmony's SCU, both -> DCMTK storescp
             if not args.no_scu and args.small:
@@ -917,6 +919,14 @@ def main():
             shutil.rmtree(workdir, ignore_errors=True)
             if store_root != workdir:
                 shutil.rmtree(store_root, ignore_errors=True)
+
+
+def rotated(items, shift):
+    """
+    C{items} rotated left by C{shift} (modulo their number).
+    """
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 def median_runs(results):
