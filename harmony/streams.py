@@ -18,6 +18,7 @@ instances) from one producer to one consumer with bounded buffering:
     drops whatever was buffered; errors flow to the consumer as failures.
 """
 
+import os
 from collections import deque
 
 from twisted.internet import defer
@@ -78,6 +79,8 @@ class Stream:
         self._producer = None
         self._producer_paused = False
         self._writable_waiters = []
+        #: Something read from this stream (L{take_file} is then too late).
+        self._started = False
 
     # -- producer side ---------------------------------------------------
 
@@ -138,6 +141,7 @@ class Stream:
 
         stream = cls(length=length, pull=pull)
         stream._on_cancel = close
+        stream.offer_file(PathSource(path, length))
         return stream
 
     @classmethod
@@ -150,6 +154,42 @@ class Stream:
         return cls(pull=lambda: next(iterator, EOF))
 
     _on_cancel = None
+    #: The file this stream's bytes come from (a L{PathSource} or alike), if
+    #: any: see L{take_file}.
+    _file_source = None
+
+    def offer_file(self, source):
+        """
+        Say that this stream's bytes are also in a file, which a consumer
+        may take instead (L{take_file}); C{source} as described there, plus
+        C{open()}: C{True} once the consumer may use it (C{False}: read the
+        stream as usual).
+        """
+        self._file_source = source
+
+    def take_file(self):
+        """
+        The stream's bytes as an open file instead of items, for a consumer
+        that can send a file itself (sendfile(2)): a source with
+        C{fileno()}, C{available() -> (limit, complete)} (the first
+        C{limit} bytes of the file are the stream's; C{complete}: that is
+        all), C{wait()} (a Deferred firing when C{available()} changed, or
+        failing with the producer's error) and C{close()}.  The stream is
+        not to be read afterwards.
+
+        @return: the source, or C{None} when the stream has no file behind
+            it or was read from already (then read it as usual).
+        @raise OSError: the file cannot be opened (nothing was taken).
+        """
+        source = self._file_source
+        if source is None or self._started or self._buffer or self._cancelled or self._finished:
+            return None
+        if not source.open():
+            return None
+        self._file_source = None
+        self._started = True
+        self._pull = None
+        return source
 
     def attach_producer(self, producer):
         """
@@ -239,6 +279,7 @@ class Stream:
             raise RuntimeError("concurrent read() on a Stream")
         if self._cancelled:
             return defer.fail(StreamCancelled())
+        self._started = True
         if self._buffer:
             item = self._buffer.popleft()
             self._buffered -= _sizeof_item(item)
@@ -564,3 +605,42 @@ def collect(body, max_bytes=None):
         return b"".join(chunks)
 
     return defer.Deferred.fromCoroutine(run())
+
+
+class PathSource:
+    """
+    A whole file as a L{Stream.take_file} source.
+
+    @param length: the bytes to send (the file's size when C{None}).
+    """
+
+    def __init__(self, path, length=None):
+        self._path = path
+        self._length = length
+        self._fd = None
+
+    def open(self):
+        """
+        Open the file.
+
+        @return: C{True}.
+        @raise OSError: it cannot be opened.
+        """
+        self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if self._length is None:
+            self._length = os.fstat(self._fd).st_size
+        return True
+
+    def fileno(self):
+        return self._fd
+
+    def available(self):
+        return self._length, True
+
+    def wait(self):
+        return defer.succeed(None)
+
+    def close(self):
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

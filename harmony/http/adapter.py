@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from harmony.envelope import Headers, RequestDetails, RequestEnvelope, body_length
 from harmony.errors import PayloadTooLarge
-from harmony.http import request_id
+from harmony.http import request_id, sendfile
 from harmony.http.bodies import ContentLimits
 from harmony.http.headers import HOP_BY_HOP
 from harmony.interfaces import IProtocolAdapter
@@ -254,4 +254,12 @@ class HttpAdapter:
             )
             request.channel.transport.abortConnection()
 
+        source = None
+        if sendfile.usable(request):
+            try:
+                source = body.take_file()
+            except OSError:
+                source = None  # read as usual (and failed there, the same way)
+        if source is not None:
+            return sendfile.SendfileWriter(request, source).start().addCallbacks(done, failed)
         return body.pipe_to(request).addCallbacks(done, failed)

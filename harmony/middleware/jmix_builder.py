@@ -526,7 +526,47 @@ class _ZipTail:
         self._final = False
         self._paused = False
         self._pumping = False
+        #: Taken as a file by the response writer (sendfile): nothing is
+        #: read into the stream; L{wait} says when more is final.
+        self._taken = False
+        self._waiters = []
+        self._failure = None
         self.stream.attach_producer(self)
+        self.stream.offer_file(self)
+
+    # -- as a file source (harmony.streams.Stream.take_file) --------------------
+
+    def open(self):
+        if self._sent or self._fd is None or self._failure is not None:
+            return False
+        self._taken = True
+        return True
+
+    def fileno(self):
+        return self._fd
+
+    def available(self):
+        return self._limit, self._final
+
+    def wait(self):
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def close(self):
+        self._close()
+
+    def _wake(self):
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if self._failure is not None:
+                d.errback(self._failure)
+            else:
+                d.callback(None)
+
+    # -- as the stream's producer ------------------------------------------------
 
     def advance(self, limit, final=False):
         """
@@ -534,9 +574,17 @@ class _ZipTail:
         """
         self._limit = max(self._limit, limit)
         self._final = self._final or final
+        if self._taken:
+            self._wake()
+            return
         self._pump()
 
     def fail(self, error):
+        if self._taken:
+            if self._failure is None:
+                self._failure = Failure(error)
+                self._wake()
+            return
         if self._fd is not None:
             self._close()
             self.stream.fail(error)
@@ -558,6 +606,8 @@ class _ZipTail:
             os.close(fd)
 
     def _pump(self):
+        if self._taken:
+            return  # the response writer sends from the file itself
         if self._pumping:
             return  # a resume from inside stream.write: the loop below goes on
         self._pumping = True

@@ -245,6 +245,103 @@ def test_the_answer_streams_while_the_package_is_built(setup, monkeypatch):
     assert package.json("manifest.json")["security"]["payload_hash"] == reference_payload_hash(package.payload())
 
 
+def test_the_answer_can_be_taken_as_the_growing_zip(setup):
+    """
+    A response writer that sends files itself (sendfile) takes the body
+    as the zip being written: it learns how much is final as instances
+    are added, and the whole once stored; nothing is read into the stream.
+    A build failing afterwards fails the source's wait.
+    """
+    mw, root, study, made, tmp_path = setup
+    reactor = mw._reactor
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    fired(d)
+    items, _ = retrieved(tmp_path, made)
+    instances, done = Stream(), defer.Deferred()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances, done=done)))
+    # Taken as the answer arrives (as the HTTP adapter does, before reading).
+    taken = []
+    answer.addCallback(lambda response: taken.append(response.body.take_file()) or response)
+    instances.write(items[0])
+    reactor.drain()
+    response = fired(answer)
+    (source,) = taken
+    assert source is not None and response.body.take_file() is None
+    limits = [source.available()]
+    woken = []
+    source.wait().addCallback(woken.append)
+    for item in items[1:]:
+        instances.write(item)
+        reactor.drain()
+        limits.append(source.available())
+    assert woken == [None]
+    assert [complete for _, complete in limits] == [False] * len(limits)
+    assert [limit for limit, _ in limits] == sorted(limit for limit, _ in limits) and limits[-1][0] > limits[0][0]
+    instances.finish()
+    done.callback((0, None))
+    reactor.drain()
+    limit, complete = source.available()
+    assert complete
+    (stored,) = [os.path.join(root, name) for name in os.listdir(root) if name.endswith(".zip")]
+    with open(stored, "rb") as f:
+        whole = f.read()
+    assert limit == len(whole)
+    assert os.pread(source.fileno(), limit, 0) == whole
+    source.close()
+
+
+def test_a_zip_answer_already_read_from_is_not_taken(setup):
+    mw, root, study, made, tmp_path = setup
+    reactor = mw._reactor
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    fired(d)
+    items, _ = retrieved(tmp_path, made)
+    instances = Stream()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
+                                                                    done=defer.Deferred())))
+    instances.write(items[0])
+    reactor.drain()
+    body = fired(answer).body
+    assert body.take_file() is None  # its first bytes are in the stream already
+    assert fired(body.read())[:4] == b"PK\x03\x04"
+    instances.cancel()
+    reactor.drain()
+
+
+def test_a_taken_zip_fails_the_wait_when_the_build_fails(setup, tmp_path):
+    mw, root, study, made, _ = setup
+    reactor = mw._reactor
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    fired(d)
+    _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
+    items, _ = retrieved(tmp_path, made[:1] + other)
+    instances = Stream()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
+                                                                    done=defer.Deferred())))
+    taken = []
+    answer.addCallback(lambda response: taken.append(response.body.take_file()) or response)
+    instances.write(items[0])
+    reactor.drain()
+    (source,) = taken
+    waiting = source.wait()
+    instances.write(items[1])  # another study: the build fails
+    reactor.drain()
+    failures = []
+    waiting.addErrback(failures.append)
+    source.wait().addErrback(failures.append)
+    assert [f.check(UpstreamUnavailable) for f in failures] == [UpstreamUnavailable] * 2
+    source.close()
+
+
 def test_a_build_failing_mid_stream_ends_the_body_with_an_error(setup):
     """
     The third instance belongs to another study: the answer has started,

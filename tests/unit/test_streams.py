@@ -3,6 +3,8 @@ Tests for L{harmony.streams}.
 """
 
 import io
+import os
+import tempfile
 
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
@@ -543,3 +545,57 @@ class BodyProducerTests(SynchronousTestCase):
         d = collect(out)
         failing.fail(ValueError("upstream lost"))
         self.failureResultOf(d, ValueError)
+
+
+class TakeFileTests(SynchronousTestCase):
+    """
+    Stream.take_file: a stream over a file hands the file over (for
+    sendfile) as long as nothing was read from it.
+    """
+
+    def _file(self, data):
+        fd, path = tempfile.mkstemp()
+        os.write(fd, data)
+        os.close(fd)
+        self.addCleanup(os.remove, path)
+        return path
+
+    def test_a_file_stream_is_taken_whole(self):
+        path = self._file(b"0123456789")
+        for length, expected in ((None, 10), (10, 10), (4, 4)):
+            stream = Stream.from_path(path, length=length)
+            source = stream.take_file()
+            self.assertEqual(source.available(), (expected, True))
+            self.assertEqual(os.pread(source.fileno(), 100, 0), b"0123456789")
+            self.assertIsNone(stream.take_file())  # once
+            self.assertEqual(self.successResultOf(source.wait()), None)
+            source.close()
+            source.close()  # idempotent
+
+    def test_not_once_read_from(self):
+        stream = Stream.from_path(self._file(b"abc"))
+        self.assertEqual(self.successResultOf(stream.read()), b"abc")
+        self.assertIsNone(stream.take_file())
+
+    def test_not_without_a_file(self):
+        stream = Stream()
+        self.assertIsNone(stream.take_file())
+        stream.write(b"x")
+        self.assertIsNone(stream.take_file())
+        self.assertIsNone(Stream.from_bytes(b"abc").take_file())
+
+    def test_a_missing_file_is_not_taken_and_reads_fail(self):
+        stream = Stream.from_path("/nonexistent/harmony-test-file")
+        self.assertRaises(OSError, stream.take_file)
+        self.failureResultOf(stream.read(), FileNotFoundError)
+
+    def test_a_source_that_declines_leaves_the_stream_readable(self):
+        class Declining:
+            def open(self):
+                return False
+
+        stream = Stream()
+        stream.offer_file(Declining())
+        self.assertIsNone(stream.take_file())
+        stream.write(b"data")
+        self.assertEqual(self.successResultOf(stream.read()), b"data")
