@@ -73,6 +73,21 @@ def envelope(root, study, method="GET"):
     return env
 
 
+def lead(setup):
+    """
+    The first request for the study, the one that builds, accepted; the
+    thread pool's work runs only when drained.  Returns (reactor, leader).
+    """
+    mw, root, study, _, _ = setup
+    reactor = mw._reactor
+    reactor.pool.immediate = False
+    leader = envelope(root, study)
+    d = mw.request(leader)
+    reactor.drain()
+    fired(d)
+    return reactor, leader
+
+
 def fired(d):
     out = []
     d.addBoth(out.append)
@@ -253,12 +268,7 @@ def test_the_answer_can_be_taken_as_the_growing_zip(setup):
     A build failing afterwards fails the source's wait.
     """
     mw, root, study, made, tmp_path = setup
-    reactor = mw._reactor
-    reactor.pool.immediate = False
-    leader = envelope(root, study)
-    d = mw.request(leader)
-    reactor.drain()
-    fired(d)
+    reactor, leader = lead(setup)
     items, _ = retrieved(tmp_path, made)
     instances, done = Stream(), defer.Deferred()
     answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances, done=done)))
@@ -295,12 +305,7 @@ def test_the_answer_can_be_taken_as_the_growing_zip(setup):
 
 def test_a_zip_answer_already_read_from_is_not_taken(setup):
     mw, root, study, made, tmp_path = setup
-    reactor = mw._reactor
-    reactor.pool.immediate = False
-    leader = envelope(root, study)
-    d = mw.request(leader)
-    reactor.drain()
-    fired(d)
+    reactor, leader = lead(setup)
     items, _ = retrieved(tmp_path, made)
     instances = Stream()
     answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
@@ -316,12 +321,7 @@ def test_a_zip_answer_already_read_from_is_not_taken(setup):
 
 def test_a_taken_zip_fails_the_wait_when_the_build_fails(setup, tmp_path):
     mw, root, study, made, _ = setup
-    reactor = mw._reactor
-    reactor.pool.immediate = False
-    leader = envelope(root, study)
-    d = mw.request(leader)
-    reactor.drain()
-    fired(d)
+    reactor, leader = lead(setup)
     _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
     items, _ = retrieved(tmp_path, made[:1] + other)
     instances = Stream()
@@ -350,12 +350,7 @@ def test_a_build_failing_mid_stream_ends_the_body_with_an_error(setup):
     disposed of and the retrieve's stream cancelled.
     """
     mw, root, study, made, tmp_path = setup
-    reactor = mw._reactor
-    reactor.pool.immediate = False
-    leader = envelope(root, study)
-    d = mw.request(leader)
-    reactor.drain()
-    fired(d)
+    reactor, leader = lead(setup)
     waiting = mw.request(envelope(root, study))
     _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
     items, disposed = retrieved(tmp_path, made[:2] + other + made[2:])
@@ -416,12 +411,7 @@ def test_head_gets_the_finished_package(setup):
 
 def test_a_client_gone_mid_stream_does_not_stop_the_build(setup):
     mw, root, study, made, tmp_path = setup
-    reactor = mw._reactor
-    reactor.pool.immediate = False
-    leader = envelope(root, study)
-    d = mw.request(leader)
-    reactor.drain()
-    fired(d)
+    reactor, leader = lead(setup)
     waiting = mw.request(envelope(root, study))
     items, disposed = retrieved(tmp_path, made)
     instances = Stream()
@@ -510,12 +500,7 @@ def test_builds_in_different_arrival_orders_have_the_same_payload(setup, tmp_pat
 def test_the_retrieve_is_not_read_far_ahead_of_the_builder(setup, monkeypatch):
     mw, root, study, made, tmp_path = setup
     monkeypatch.setattr(jmix_builder, "MAX_QUEUED", 2)
-    reactor = mw._reactor
-    reactor.pool.immediate = False
-    leader = envelope(root, study)
-    d = mw.request(leader)
-    reactor.drain()
-    fired(d)
+    reactor, leader = lead(setup)
     items, disposed = retrieved(tmp_path, made)
     pulled = []
 
