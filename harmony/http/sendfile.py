@@ -32,9 +32,11 @@ from harmony.streams import StreamCancelled
 
 log = logger("harmony.http.sendfile")
 
-#: Bytes sent at most per sendfile(2) call, and per reactor turn.
-SENDFILE_CHUNK = 4 * 1024 * 1024
-TURN_LIMIT = 16 * 1024 * 1024
+#: Bytes sent at most per sendfile(2) call, and per reactor turn: a file
+#: not in the page cache is read from disk on the reactor thread (as the
+#: usual path reads it), so a turn stays short.
+SENDFILE_CHUNK = 1024 * 1024
+TURN_LIMIT = 4 * 1024 * 1024
 
 #: Errors of a connection the client closed.
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.EBADF)
