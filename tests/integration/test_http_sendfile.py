@@ -304,7 +304,9 @@ def test_a_file_shorter_than_announced_aborts_the_connection(served, tmp_path):
     status, headers, got, sock, how = yield threads.deferToThread(get, served.port, "/short")
     sock.close()
     assert status == "HTTP/1.1 200 OK" and headers["content-length"] == str(len(data) + 1000)
-    assert how == "cut" and got == data
+    # Fewer bytes than announced (the abort may also drop some the client
+    # had not read yet): the client can tell.
+    assert how == "cut" and len(got) <= len(data) and got == data[: len(got)]
     served.bodies["/whole"] = lambda: Stream.from_path(str(path))
     status, _, got, sock, _ = yield threads.deferToThread(get, served.port, "/whole")
     sock.close()
