@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from harmony.dimse import fsm, messages, pdu
 from harmony.logs import logger
+from harmony.transport import write_now
 
 log = logger("harmony.dimse")
 
@@ -369,29 +370,35 @@ class Association(Protocol):
 
     # -- user requests ------------------------------------------------------
 
-    def _send_p_data(self, data):
+    def _send_p_data(self, data, now=False):
         """
         Send one P-DATA-TF PDU (Evt9); in Sta6 (DT-1: send, same state)
-        straight to the transport.
+        straight to the transport (with C{now}, to the socket at once when
+        nothing waits before it: L{harmony.transport.write_now}).
         """
         if self.upper.state == "Sta6" and not self._closed:
             self.upper.last_action = "DT-1"
-            self.transport.write(data)
+            if now:
+                write_now(self.transport, data)
+            else:
+                self.transport.write(data)
         else:
             self._event("Evt9", data)
 
-    def send_message(self, context_id, command, dataset=None):
+    def send_message(self, context_id, command, dataset=None, now=False):
         """
         Send one DIMSE message; a large data set (an iterable of chunks) is
         sent with backpressure from the transport.
 
+        @param now: a small reply the peer waits for (a C-STORE-RSP): sent
+            to the socket at once rather than on the reactor's next turn.
         @return: Deferred[None] firing once everything was handed to the
             transport.
         """
         pdus = messages.fragment(context_id, command, dataset, self.peer_max_pdu)
         if dataset is None or isinstance(dataset, (bytes, bytearray, memoryview)):
             for data in pdus:
-                self._send_p_data(data)
+                self._send_p_data(data, now)
             return defer.succeed(None)
         return _PDUSender(self, pdus).start()
 

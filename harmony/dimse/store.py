@@ -394,6 +394,6 @@ class _StoreOperation:
         if comment is not None:
             comment = comment[:64]  # Error Comment is LO (PS3.7 C.4.2.1.3)
         rsp = messages.store_rsp(self.message_id, self.sop_class_uid, self.sop_instance_uid, status, comment)
-        association.send_message(self.context.id, rsp)
+        association.send_message(self.context.id, rsp, now=True)
         self.service.prepare_writer(association)
 

@@ -22,13 +22,14 @@ is on the wire, and the channel calls the request's producer, this writer.
 import errno
 import os
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from harmony.logs import logger
 from harmony.streams import StreamCancelled
+from harmony.transport import buffered
 
 log = logger("harmony.http.sendfile")
 
@@ -53,13 +54,11 @@ def usable(request):
     channel = request.channel
     transport = getattr(channel, "transport", None)
     return (
-        isinstance(transport, tcp.Connection)
+        buffered(transport) is not None
         and transport.connected
         and getattr(transport, "producer", None) is channel
         and getattr(transport, "streamingProducer", False)
         and hasattr(transport, "producerPaused")
-        and hasattr(transport, "dataBuffer")
-        and hasattr(transport, "_tempDataLen")
     )
 
 
@@ -114,13 +113,6 @@ class SendfileWriter:
 
     # -- internals ------------------------------------------------------------
 
-    def _buffered(self):
-        """
-        Bytes still in the transport's own write buffer.
-        """
-        transport = self._transport
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
     def _flush(self):
         """
         Continue once the transport's buffer is on the wire and the socket
@@ -148,7 +140,7 @@ class SendfileWriter:
         source, transport = self._source, self._transport
         sent_now = 0
         while not self._paused and not self._ended:
-            if self._buffered():
+            if buffered(transport):
                 self._flush()
                 return
             limit, complete = source.available()
