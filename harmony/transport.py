@@ -26,22 +26,32 @@ def buffered(transport):
         return None
 
 
+#: Buffers handed to one sendmsg(2) at most (well under IOV_MAX).
+_MAX_PIECES = 64
+
+
 def write_now(transport, data):
     """
-    Write C{data} (bytes) on C{transport}: straight to the socket when
-    nothing is waiting in the transport's buffer (a reply goes out now,
-    not after another turn of the reactor), whatever the socket does not
-    take, or everything on any other transport, through
-    C{transport.write}.
+    Write C{data} (bytes-like, or a list of them: one sendmsg) on
+    C{transport}: straight to the socket when nothing is waiting in the
+    transport's buffer (a message the peer waits for goes out now, not
+    after another turn of the reactor); whatever the socket does not take,
+    or everything on any other transport, through C{transport.write}.
     """
+    pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     if buffered(transport) == 0 and transport.connected and not transport.disconnecting:
         try:
-            sent = transport.socket.send(data)
+            if len(pieces) == 1:
+                sent = transport.socket.send(pieces[0])
+            else:
+                sent = transport.socket.sendmsg(pieces[:_MAX_PIECES])
         except OSError:
             # Full (EAGAIN), interrupted, or broken: the transport's own
-            # write retries or finds the error and closes.
+            # write retries, or finds the error and closes.
             sent = 0
-        if sent >= len(data):
-            return
-        data = data[sent:]
-    transport.write(bytes(data))
+        while pieces and sent >= len(pieces[0]):
+            sent -= len(pieces.pop(0))
+        if pieces and sent:
+            pieces[0] = memoryview(pieces[0])[sent:]
+    for piece in pieces:
+        transport.write(bytes(piece))

@@ -45,6 +45,11 @@ _EVENTS = {
 #: Bytes the transport buffers before a data set sender is paused.
 SEND_BUFFER = 1024 * 1024
 
+#: A message sent "now" (L{Association.send_message}): PDUs per system call
+#: at most, by bytes and by count.
+NOW_BATCH = 512 * 1024
+NOW_BATCH_PDUS = 32
+
 #: A-ABORT sources (PS3.8 9.3.8).
 SERVICE_USER = 0
 SERVICE_PROVIDER = 2
@@ -373,8 +378,9 @@ class Association(Protocol):
     def _send_p_data(self, data, now=False):
         """
         Send one P-DATA-TF PDU (Evt9); in Sta6 (DT-1: send, same state)
-        straight to the transport (with C{now}, to the socket at once when
-        nothing waits before it: L{harmony.transport.write_now}).
+        straight to the transport.  With C{now}, C{data} is a list of PDUs,
+        sent to the socket at once when nothing waits before them
+        (L{harmony.transport.write_now}).
         """
         if self.upper.state == "Sta6" and not self._closed:
             self.upper.last_action = "DT-1"
@@ -382,6 +388,9 @@ class Association(Protocol):
                 write_now(self.transport, data)
             else:
                 self.transport.write(data)
+        elif now:
+            for one in data:
+                self._event("Evt9", one)
         else:
             self._event("Evt9", data)
 
@@ -390,17 +399,21 @@ class Association(Protocol):
         Send one DIMSE message; a large data set (an iterable of chunks) is
         sent with backpressure from the transport.
 
-        @param now: a small reply the peer waits for (a C-STORE-RSP): sent
-            to the socket at once rather than on the reactor's next turn.
+        @param now: a message the peer waits for (a C-STORE-RQ or -RSP):
+            its PDUs go to the socket at once, several per system call,
+            rather than on the reactor's next turn.
         @return: Deferred[None] firing once everything was handed to the
             transport.
         """
         pdus = messages.fragment(context_id, command, dataset, self.peer_max_pdu)
         if dataset is None or isinstance(dataset, (bytes, bytearray, memoryview)):
-            for data in pdus:
-                self._send_p_data(data, now)
+            if now:
+                self._send_p_data(list(pdus), True)
+            else:
+                for data in pdus:
+                    self._send_p_data(data)
             return defer.succeed(None)
-        return _PDUSender(self, pdus).start()
+        return _PDUSender(self, pdus, now).start()
 
     def release(self):
         """
@@ -436,9 +449,10 @@ class _PDUSender:
     them.
     """
 
-    def __init__(self, association, pdus):
+    def __init__(self, association, pdus, now=False):
         self._association = association
         self._pdus = iter(pdus)
+        self._now = now
         self._paused = False
         self._done = defer.Deferred()
 
@@ -453,12 +467,22 @@ class _PDUSender:
             while not self._paused and not self._done.called:
                 if association._closed:
                     raise AssociationAborted(message="association ended while sending")
-                data = next(self._pdus, None)
+                if self._now:
+                    # Up to NOW_BATCH bytes of PDUs per system call.
+                    data, size = [], 0
+                    for pdu_bytes in self._pdus:
+                        data.append(pdu_bytes)
+                        size += len(pdu_bytes)
+                        if size >= NOW_BATCH or len(data) >= NOW_BATCH_PDUS:
+                            break
+                    data = data or None
+                else:
+                    data = next(self._pdus, None)
                 if data is None:
                     association.transport.unregisterProducer()
                     self._done.callback(None)
                     return
-                association._send_p_data(data)
+                association._send_p_data(data, self._now)
         except Exception as e:
             if association.transport is not None:
                 association.transport.unregisterProducer()

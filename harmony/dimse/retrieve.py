@@ -455,7 +455,7 @@ class _RetrieveOperation(QueryOperation):
         user.expect_response(message_id, d.callback)
         timer = None
         try:
-            await association.send_message(context.id, messages.encode_command(fields), source.chunks())
+            await association.send_message(context.id, messages.encode_command(fields), source.chunks(), now=True)
             settings = association.settings
             timeout = settings.dimse_timeout or settings.idle_timeout
             if timeout and not d.called:

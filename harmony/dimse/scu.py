@@ -383,7 +383,7 @@ class ClientAssociation:
             return result
 
         d.addBoth(released)
-        sent = self.association.send_message(context_id, messages.encode_command(fields), dataset)
+        sent = self.association.send_message(context_id, messages.encode_command(fields), dataset, now=True)
         sent.addErrback(lambda f: self._fail(f.value) if self._pending else None)
         return d
 

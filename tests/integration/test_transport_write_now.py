@@ -64,3 +64,17 @@ def test_queued_behind_what_waits(connection):
     assert buffered(transport) == len(big) + 5
     got = yield threads.deferToThread(_receive, client, len(big) + 5)
     assert got == big + b"after"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_list_goes_in_one_call_and_what_does_not_fit_is_queued(connection):
+    connected, client = connection
+    sender = yield connected
+    transport = sender.transport
+    pieces = [os.urandom(512 * 1024) for _ in range(40)]  # more than the socket takes at once
+    write_now(transport, pieces)
+    queued = buffered(transport)
+    assert 0 < queued < sum(map(len, pieces))  # part sent at once, the rest queued in order
+    write_now(transport, [b"after", b"wards"])
+    got = yield threads.deferToThread(_receive, client, sum(map(len, pieces)) + 10)
+    assert got == b"".join(pieces) + b"afterwards"

@@ -415,9 +415,9 @@ def test_get_failed_uid_list_in_the_final_response(relay):
     sent = []
     original = relay.server_protocol.send_message
 
-    def spy(context_id, command, dataset=None):
+    def spy(context_id, command, dataset=None, **kwargs):
         sent.append((messages.decode_command(command), dataset))
-        return original(context_id, command, dataset)
+        return original(context_id, command, dataset, **kwargs)
 
     relay.server_protocol.send_message = spy
     get = relay.get()
@@ -871,7 +871,7 @@ def test_a_stray_c_store_rsp_is_ignored(relay):
     context = relay.association.context_for(STUDY_ROOT_GET)
     sent = []
     original = relay.server_protocol.send_message
-    relay.server_protocol.send_message = lambda *args: sent.append(args) or original(*args)
+    relay.server_protocol.send_message = lambda *args, **kwargs: sent.append(args) or original(*args, **kwargs)
     rsp = messages.store_rsp(4242, CT, "1.2.3.4", 0x0000)
     relay.association.association.send_message(context.id, rsp)
     relay.flush()

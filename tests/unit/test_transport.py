@@ -18,3 +18,9 @@ def test_other_transports_get_the_usual_write():
     write_now(transport, b"abc")
     write_now(transport, bytearray(b"def"))
     assert transport.value() == b"abcdef"
+
+
+def test_a_list_is_written_in_order():
+    transport = StringTransport()
+    write_now(transport, [b"ab", bytearray(b"cd"), memoryview(b"ef")])
+    assert transport.value() == b"abcdef"
