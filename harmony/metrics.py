@@ -429,11 +429,11 @@ class DicomMetrics:
         """
         send = association.send_message
 
-        def send_message(context_id, command, dataset=None):
+        def send_message(context_id, command, dataset=None, **options):
             field, status = response_status(command)
             if field is not None and field & 0x8000 and status is not None and status not in PENDING:
                 self.operation(field, status)
-            return send(context_id, command, dataset)
+            return send(context_id, command, dataset, **options)
 
         association.send_message = send_message
 

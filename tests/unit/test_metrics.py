@@ -289,9 +289,11 @@ class ResponseStatusTests(SynchronousTestCase):
 class FakeAssociation:
     def __init__(self):
         self.sent = []
+        self.now = []
 
-    def send_message(self, context_id, command, dataset=None):
+    def send_message(self, context_id, command, dataset=None, now=False):
         self.sent.append((context_id, command, dataset))
+        self.now.append(now)
         return defer.succeed(None)
 
 
@@ -342,6 +344,9 @@ class DicomMetricsTests(SynchronousTestCase):
             association.send_message(1, command, b"data")
         self.assertEqual([c for _, c, _ in association.sent], sends)
         self.assertEqual(association.sent[0][2], b"data")
+        # The sender's options pass through (a C-STORE-RSP goes "now").
+        association.send_message(1, sends[-1], now=True)
+        self.assertEqual(association.now, [False] * len(sends) + [True])
 
         def count(operation, status):
             return sample(self.metrics, "harmony_dimse_operations_total", endpoint="scp", operation=operation, status=status)
@@ -350,7 +355,7 @@ class DicomMetricsTests(SynchronousTestCase):
         self.assertEqual(count("find", "FE00"), 1)
         self.assertIsNone(count("find", "FF00"))
         self.assertEqual(count("echo", "0000"), 1)
-        self.assertEqual(count("store", "A700"), 1)
+        self.assertEqual(count("store", "A700"), 2)
         self.assertIsNone(count("store", "0000"))
 
     def test_calling_aets_bounded(self):
