@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from harmony.logs import logger
 from harmony.streams import StreamCancelled
-from harmony.transport import buffered
+from harmony.transport import buffered, write_now
 
 log = logger("harmony.http.sendfile")
 
@@ -157,9 +157,9 @@ class SendfileWriter:
                 return
             if self._chunked and self._chunk_left == 0:
                 # One chunk for what is there: its header (after the last
-                # chunk's end) through the transport's buffer first.
+                # chunk's end), straight to the socket when it takes it.
                 self._chunk_left = limit - self._offset
-                transport.write(b"%s%x\r\n" % (b"\r\n" if self._trailer_due else b"", self._chunk_left))
+                write_now(transport, b"%s%x\r\n" % (b"\r\n" if self._trailer_due else b"", self._chunk_left))
                 self._trailer_due = False
                 continue
             if sent_now >= TURN_LIMIT:
