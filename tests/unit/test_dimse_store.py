@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from _fakes import FakeThreadPool
 from harmony.dimse import messages, pdu
 from harmony.dimse import status as dimse_status
 from harmony.dimse import store as store_module
@@ -379,26 +380,9 @@ def test_next_file_is_prepared_in_the_thread_pool(tmp_path, fsync):
         check_stored(peers, data_file(name))
 
 
-class _HeldPool:
-    """Holds "thread pool" work until L{run_all}; records each call's arguments."""
-
-    def __init__(self):
-        self.held = []
-        self.calls = []
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.calls.append(args)
-        self.held.append((on_result, f, args, kwargs))
-
-    def run_all(self):
-        held, self.held = self.held, []
-        for on_result, f, args, kwargs in held:
-            try:
-                result = f(*args, **kwargs)
-            except Exception:
-                on_result(False, Failure())
-            else:
-                on_result(True, result)
+def _batches(pool):
+    """The file counts asked of the pool's pending work (prepare_writers calls)."""
+    return [args[0] for _, _, args, _ in pool.pending]
 
 
 def test_spare_files_made_late_serve_the_next_instances(tmp_path):
@@ -409,24 +393,24 @@ def test_spare_files_made_late_serve_the_next_instances(tmp_path):
     several at a time; the unused ones go at the association's end.
     """
     storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
-    storage.threadpool = pool = _HeldPool()
+    storage.threadpool = pool = FakeThreadPool(immediate=False)
     peers = Peers(tmp_path, storage=storage)
     association = peers.connect()
     names = ["CT_small.dcm", "MR_small.dcm", "CT_small.dcm"]
     # The first: no spare yet; then one is asked for (count 1).
     assert peers.run(association.store_file(data_file(names[0]))).ok
-    assert [args[0] for args in pool.calls] == [1]
+    assert _batches(pool) == [1]
     # The second arrives before the pool ran: a file of its own; the
     # batch grows; nothing more is asked for while one is being made.
     assert peers.run(association.store_file(data_file(names[1]))).ok
-    assert [args[0] for args in pool.calls] == [1]
-    pool.run_all()
+    assert _batches(pool) == [1]
+    pool.run()
     assert len(peers.temp_files()) == 1  # the late spare, kept
     # The third takes it; then two are asked for in one call.
     assert peers.run(association.store_file(data_file(names[2]))).ok
     assert peers.temp_files() == []
-    assert [args[0] for args in pool.calls] == [1, 2]
-    pool.run_all()
+    assert _batches(pool) == [2] and pool.submitted == 2
+    pool.run()
     assert len(peers.temp_files()) == 2
     assert peers.run(association.release()) is None
     assert peers.temp_files() == []
@@ -441,19 +425,23 @@ def test_spares_never_exceed_the_maximum(tmp_path):
     is removed when ready.
     """
     storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
-    storage.threadpool = pool = _HeldPool()
+    storage.threadpool = pool = FakeThreadPool(immediate=False)
     peers = Peers(tmp_path, storage=storage)
     association = peers.connect()
-    for _ in range(12):
-        # Every instance arrives while a batch is being made.
+    ready = []
+    for _ in range(8):
+        # The pool runs only every fourth instance: it lags, batches grow.
+        for _ in range(4):
+            assert peers.run(association.store_file(data_file("CT_small.dcm"))).ok
+        pool.run()
+        ready.append(len(peers.temp_files()))
+    assert max(ready) == MAX_SPARES  # grown to the cap, never past it
+    assert pool.submitted < 32  # fewer pool calls than instances
+    for _ in range(MAX_SPARES // 2):  # refilled once half are used
         assert peers.run(association.store_file(data_file("CT_small.dcm"))).ok
-        pool.run_all()
-        assert len(peers.temp_files()) <= MAX_SPARES
-    assert max(args[0] for args in pool.calls) <= MAX_SPARES
-    assert peers.run(association.store_file(data_file("CT_small.dcm"))).ok
-    assert pool.held  # a batch still being made
+    assert _batches(pool) == [MAX_SPARES // 2]  # a batch still being made
     assert peers.run(association.release()) is None
-    pool.run_all()
+    pool.run()
     assert peers.temp_files() == []
 
 
