@@ -689,6 +689,20 @@ def test_cancelling_the_stream_cancels_the_get(peers):
     assert result_of(get.result).cancelled
 
 
+def get_into_memory(tmp_path):
+    """
+    A C-GET with a 10 MiB memory budget, its fake SCP waiting to be told
+    what to send: (peers, budget, get operation, the SCP's request).
+    """
+    p = Peers(tmp_path, service=FakeGetService(auto=False))
+    p.connect()
+    budget = MemoryBudget(10 * 1024 * 1024)
+    get = p.get(memory=budget)
+    p.flush()
+    [request] = p.service.requests
+    return p, budget, get, request
+
+
 def send_part_of_a_store(peers, request, pdus_sent=3):
     """
     The fake SCP sends the first PDUs of a C-STORE sub-operation (command
@@ -920,12 +934,7 @@ def test_budget_is_shared_by_the_instances_not_yet_disposed(tmp_path):
 
 
 def test_data_set_of_another_instance_is_refused_from_memory(tmp_path):
-    p = Peers(tmp_path, service=FakeGetService(auto=False))
-    p.connect()
-    budget = MemoryBudget(10 * 1024 * 1024)
-    get = p.get(memory=budget)
-    p.flush()
-    [request] = p.service.requests
+    p, budget, get, request = get_into_memory(tmp_path)
     ds, other = make_instances(2)
     request.send_store(ds, data=encode_identifier(other, EXPLICIT))
     p.flush()
@@ -940,12 +949,7 @@ def test_data_set_of_another_instance_is_refused_from_memory(tmp_path):
 
 
 def test_undecodable_data_set_is_refused_from_memory(tmp_path):
-    p = Peers(tmp_path, service=FakeGetService(auto=False))
-    p.connect()
-    budget = MemoryBudget(10 * 1024 * 1024)
-    get = p.get(memory=budget)
-    p.flush()
-    [request] = p.service.requests
+    p, budget, get, request = get_into_memory(tmp_path)
     request.send_store(make_instances(1)[0], data=b"\x08\x00\x16\x00UI\xff\xff")
     p.flush()
     assert [r["Status"] for r in request.responses] == [0xC000]
@@ -957,12 +961,7 @@ def test_undecodable_data_set_is_refused_from_memory(tmp_path):
 
 
 def test_abort_mid_data_set_in_memory_gives_the_budget_back(tmp_path):
-    p = Peers(tmp_path, service=FakeGetService(auto=False))
-    p.connect()
-    budget = MemoryBudget(10 * 1024 * 1024)
-    get = p.get(memory=budget)
-    p.flush()
-    [request] = p.service.requests
+    p, budget, get, request = get_into_memory(tmp_path)
     send_part_of_a_store(p, request)
     assert budget.held > 0
     p.server_protocol.abort()
