@@ -14,7 +14,6 @@ from _deferreds import drain, failure_of, result_of
 from pydicom.data import get_testdata_file
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from _fakes import FakeThreadPool
@@ -341,22 +340,6 @@ class _SyncReactor:
         f(*args, **kwargs)
 
 
-class _SyncPool:
-    """Runs "thread pool" work at once, counting it."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.calls += 1
-        try:
-            result = f(*args, **kwargs)
-        except Exception:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
 @pytest.mark.parametrize("fsync", [False, True])
 def test_next_file_is_prepared_in_the_thread_pool(tmp_path, fsync):
     """
@@ -365,7 +348,7 @@ def test_next_file_is_prepared_in_the_thread_pool(tmp_path, fsync):
     pool also makes each file durable.
     """
     storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
-    storage.threadpool = pool = _SyncPool()
+    storage.threadpool = pool = FakeThreadPool()
     storage._fsync_file = storage._fsync_dir = lambda *args: None
     peers = Peers(tmp_path, storage=storage)
     peers.service.fsync = fsync
@@ -373,7 +356,7 @@ def test_next_file_is_prepared_in_the_thread_pool(tmp_path, fsync):
     names = ["CT_small.dcm", "MR_small.dcm"]
     for name in names:
         assert peers.run(association.store_file(data_file(name))).ok
-    assert pool.calls == (2 if fsync else 1) * len(names)
+    assert pool.submitted == (2 if fsync else 1) * len(names)
     assert len(peers.temp_files()) == 1  # the spare
     assert peers.run(association.release()) is None
     for name in names:
@@ -510,7 +493,7 @@ def test_an_association_end_is_watched_once_whatever_the_batches():
 
 def test_prepare_writers_removes_the_created_files_when_one_fails(tmp_path):
     storage = FilesystemStorage(str(tmp_path / "store"), reactor=_SyncReactor())
-    storage.threadpool = _SyncPool()
+    storage.threadpool = FakeThreadPool()
     made = []
     real = storage._new_temp_path
 
