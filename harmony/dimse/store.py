@@ -121,8 +121,7 @@ class StoreService:
                 spares.pending = None
                 spares.ready.extend(writers)
             else:
-                for writer in writers:
-                    writer.abort()
+                self._discard(writers)
 
         def failed(failure):
             if self._spares.get(association) is spares and spares.pending is d:
@@ -146,8 +145,23 @@ class StoreService:
         if spares is not None:
             # Those still being made are removed when ready (see prepare_writer).
             spares.pending = None
-            while spares.ready:
-                spares.ready.popleft().abort()
+            ready, spares.ready = list(spares.ready), deque()
+            if ready:
+                self._discard(ready)
+
+    def _discard(self, writers):
+        """
+        Remove unused spare files: in the thread pool when the storage can
+        (up to L{MAX_SPARES} unlinks), else here.
+        """
+        discard = getattr(self.storage, "discard_writers", None)
+        if discard is None:
+            for writer in writers:
+                writer.abort()
+            return
+        discard(writers).addErrback(
+            lambda f: log.warn("Removing spare storage files failed: {error}", error=f.getErrorMessage())
+        )
 
     def drop_spares(self):
         """

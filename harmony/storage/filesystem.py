@@ -108,6 +108,11 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _abort_all(writers):
+    for writer in writers:
+        writer.abort()
+
+
 def _unlink_quietly(path):
     try:
         os.unlink(path)
@@ -373,6 +378,15 @@ class FilesystemStorage(Service):
             created, those created already are removed and it fails.
         """
         return self._in_thread(self._new_writers, count, fsync, sha256)
+
+    def discard_writers(self, writers):
+        """
+        Abort unused writers (remove their temporary files) in the thread
+        pool.
+
+        @return: Deferred[None]
+        """
+        return self._in_thread(_abort_all, list(writers))
 
     def _new_writers(self, count, fsync, sha256):
         writers = []
