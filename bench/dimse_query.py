@@ -550,7 +550,7 @@ async def get_part(args, direct, through, study_uid, count, store_root, harmony,
                 reason = f"{where} failed: {type(e).__name__}: {e}"
                 continue
             finally:
-                shutil.rmtree(root, ignore_errors=True)
+                set_aside(root)
             if got != count or not status.ok:
                 message = (f"{got} of {count} instances, final status 0x{status.status:04X}"
                            + (f" ({status.error_comment})" if status.error_comment else ""))
@@ -580,7 +580,7 @@ def getscu_run(port, aet, study_uid, outdir, env):
     seconds = time.perf_counter() - t0
     names = os.listdir(outdir)
     size = sum(os.path.getsize(os.path.join(outdir, n)) for n in names)
-    shutil.rmtree(outdir, ignore_errors=True)
+    set_aside(outdir)
     errors = dcmtk_errors(result)
     error = None
     if result.returncode != 0 or errors:
@@ -702,6 +702,90 @@ def print_memory_probe():
           f"\"Fresh memory\")")
 
 
+SET_ASIDE = ".set-aside"
+_aside_seq = iter(range(1, 1 << 62))
+
+
+def set_aside(path, parent=None):
+    """
+    Move C{path} (what a run wrote: a file or a directory) into the
+    C{.set-aside} directory in C{parent} (default: beside C{path}; on the
+    same filesystem) instead of deleting it; the benchmark removes its work
+    directory, and so everything set aside, at the end.
+
+    Deleting between runs would slow the next runs' file creation on ext4
+    without a journal (this VM's root filesystem): it avoids reusing an
+    inode freed in the last minutes and checks every such inode of the
+    group on every file it creates (bench/README.md: "File creation").
+    """
+    if not os.path.lexists(path):
+        return
+    aside = os.path.join(parent or os.path.dirname(os.path.abspath(path)), SET_ASIDE)
+    os.makedirs(aside, exist_ok=True)
+    os.rename(path, os.path.join(aside, f"{next(_aside_seq)}-{os.path.basename(path)}"))
+
+
+def mount_of(path):
+    """
+    (mount point, filesystem type, device) of the mount holding C{path},
+    from /proc/mounts; C{None}s when unknown.
+    """
+    path = os.path.realpath(path)
+    best = (None, None, None)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                device, mnt, kind = line.split()[:3]
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best[0] or ""):
+                    best = (mnt, kind, device)
+    except OSError:
+        pass
+    return best
+
+
+def describe_filesystem(path):
+    """
+    "ext4 at /", plus "without a journal" when Linux reports an ext4 with
+    no journal task (/sys/fs/ext4/<device>/journal_task).
+    """
+    mnt, kind, device = mount_of(path)
+    if mnt is None:
+        return "?"
+    text = f"{kind} at {mnt}"
+    if kind == "ext4" and device and device.startswith("/dev/"):
+        try:
+            with open(f"/sys/fs/ext4/{os.path.basename(os.path.realpath(device))}/journal_task") as f:
+                if f.read().strip() == "<none>":
+                    text += " without a journal"
+        except OSError:
+            pass
+    return text
+
+
+def file_creation_us(directory, count=200):
+    """
+    Microseconds (wall) to create and close one empty file in a new
+    directory under C{directory}, over C{count} files; they are set aside.
+    """
+    probe = tempfile.mkdtemp(prefix="create-probe-", dir=directory)
+    t = time.perf_counter()
+    for i in range(count):
+        os.close(os.open(os.path.join(probe, str(i)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    seconds = time.perf_counter() - t
+    set_aside(probe)
+    return seconds / count * 1e6
+
+
+def print_files_probe(directory):
+    """
+    The header line with L{file_creation_us} in C{directory} and its
+    filesystem.
+    """
+    print(f"  files       creating an empty file in {directory} ({describe_filesystem(directory)}): "
+          f"{file_creation_us(directory):.0f} us (see bench/README.md: \"File creation\")", flush=True)
+
+
 def print_setup(ncpu, harmony_cores, client_cores, clients, workdir):
     """
     The cores, environment, memory and work directory lines of a bench's
@@ -714,6 +798,7 @@ def print_setup(ncpu, harmony_cores, client_cores, clients, workdir):
     print("  env         TCP_NODELAY=1 for every child; everything on 127.0.0.1")
     print_memory_probe()
     print(f"  workdir     {workdir}", flush=True)
+    print_files_probe(workdir)
 
 
 def exit_on_sigterm(signum, frame):

@@ -50,7 +50,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from dimse_query import print_memory_probe  # noqa: E402  (the header's memory line)
+from dimse_query import describe_filesystem, print_files_probe, print_memory_probe, set_aside  # noqa: E402
 
 PYTHON = sys.executable
 SHIM_SRC = os.path.join(REPO, "tests", "integration", "bind_loopback.c")
@@ -427,22 +427,16 @@ def received_files(directory):
 
 def clear_received(directory):
     """
-    Delete what a run stored (after verification), so that every run
-    creates new files rather than replacing existing ones (which costs the
-    filesystem more: freeing the old blocks).  Hidden entries (Harmony's
-    C{.tmp} area) stay.
+    Set aside what a run stored (after verification; L{set_aside}: moved,
+    not deleted), so that every run creates new files rather than
+    replacing existing ones, and no run pays for an earlier run's deletions
+    (bench/README.md: "File creation").  Hidden entries (Harmony's C{.tmp}
+    area) stay.
     """
+    parent = os.path.dirname(os.path.abspath(directory))  # not inside: the next run's checks walk it
     for name in os.listdir(directory):
-        if name.startswith("."):
-            continue
-        path = os.path.join(directory, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if not name.startswith("."):
+            set_aside(os.path.join(directory, name), parent)
 
 
 def verify(server, files, since):
@@ -634,22 +628,6 @@ class Runner:
         return r
 
 
-def fs_type(path):
-    """The filesystem type of the mount holding C{path} (from /proc/mounts)."""
-    path = os.path.realpath(path)
-    best, kind = "", "?"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                mnt = parts[1]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, kind = mnt, parts[2]
-    except OSError:
-        pass
-    return f"{kind} at {best}" if best else kind
-
-
 def fmt_mib(b):
     return "-" if b is None else f"{b / MiB:.1f} MiB"
 
@@ -746,7 +724,9 @@ def main():
         )
         print_memory_probe()
         print(f"  workdir     {workdir}", flush=True)
-        print(f"  received    {store_root}/recv-<server> ({fs_type(store_root)}; no server fsyncs)", flush=True)
+        print(f"  received    {store_root}/recv-<server> ({describe_filesystem(store_root)}; no server fsyncs; "
+              f"each run's files are set aside, not deleted, until the end)", flush=True)
+        print_files_probe(store_root)
 
         # 1. corpus
         t = time.monotonic()

@@ -75,6 +75,7 @@ from dimse_query import (  # noqa: E402  (the helpers of the DIMSE query benchma
     print_setup,
     read_status,
     reset_hwm,
+    set_aside,
     split_cores,
     tail,
     warn_other,
@@ -286,9 +287,10 @@ def harmony_get(port, study, instances, spool):
     if resp.status != 200 or not isinstance(answer, dict) or answer.get("stored") != instances:
         raise Wrong(f"POST /dicom/get: HTTP {resp.status}: {data[:400].decode('utf-8', 'replace')}")
     size = sum(int(i.get("size") or 0) for i in answer.get("instances", []))
+    parent = os.path.dirname(os.path.abspath(spool))
     for name in os.listdir(spool):
         if name != ".tmp":  # the backend's temporary area stays
-            shutil.rmtree(os.path.join(spool, name), ignore_errors=True)
+            set_aside(os.path.join(spool, name), parent)
     return seconds, size
 
 
@@ -462,7 +464,7 @@ def main():
         count = int(orthanc.get_json("/statistics")["CountInstances"])
         if count != len(paths):
             raise BenchFailure(f"Orthanc holds {count} instances, {len(paths)} were sent")
-        shutil.rmtree(os.path.join(workdir, "study"))  # Orthanc has them; the disk is the measurements'
+        set_aside(os.path.join(workdir, "study"))  # Orthanc has them; not deleted: see set_aside
         print(f"  orthanc     pid {opid}, DICOM 127.0.0.1:{orthanc.dicom_port} (AE {orthanc.aet}); listening on "
               f"{check_loopback(opid, 'Orthanc')}")
         print(f"  data        one study of {args.instances} CT instances {args.rows}x{args.cols} 16-bit in "
