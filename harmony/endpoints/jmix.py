@@ -40,6 +40,7 @@ C{[proxy.content_limits]}), C{max_upload_files} (default 100000).
 import os
 import re
 
+from twisted.application.service import Service
 from twisted.internet import defer, threads
 
 from harmony.config.schema import REQUIRED, Bool, Field, Int, Number, Schema, Str
@@ -155,6 +156,33 @@ def zip_response(record, headers=()):
     )
 
 
+class _StoreOpener(Service):
+    """
+    Opens a jmix endpoint's package store when Harmony starts (its index,
+    and the removal of what crashed processes left) rather than at the
+    first request, which then does not wait for it; a store that cannot
+    be opened is reported at startup.  Every worker process opens its own.
+    """
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+
+    def startService(self):
+        Service.startService(self)
+        endpoint = self.endpoint
+
+        def failed(failure):
+            log.error(
+                "JMIX endpoint {endpoint}: the package store {root} cannot be opened: {error}",
+                endpoint=endpoint.name,
+                root=endpoint.store_root,
+                error=failure.getErrorMessage(),
+            )
+            return failure  # the requests that wait for it fail too
+
+        endpoint.store.ready.addErrback(failed)
+
+
 class JmixEndpoint(HttpEndpoint):
     """
     JMIX packages under C{options.path_prefix}.
@@ -182,6 +210,9 @@ class JmixEndpoint(HttpEndpoint):
 
     def http_routes(self):
         return [Route(self.options.path_prefix, self, None, ("GET", "HEAD", "POST", "OPTIONS"), match=_matches)]
+
+    def services(self, executor, reactor):
+        return [_StoreOpener(self)]
 
     def incoming(self, envelope):
         details = envelope.details

@@ -165,6 +165,8 @@ def gateway(orthanc, tmp_path_factory):
         "again": ("jmix-again", orthanc.aet, orthanc.dicom_port, "HARMONYJA", "get"),
         "move": ("jmix-move", orthanc.aet, orthanc.dicom_port, "HARMONYJM", "move"),
         "down": ("jmix-down", "NOBODY", dead_port, "HARMONYJD", "get"),
+        # Never asked anything: its store is opened at startup all the same.
+        "idle": ("jmix-idle", orthanc.aet, orthanc.dicom_port, "HARMONYJI", "get"),
     }
     pipelines = {
         f"jmix-{name}": PIPELINE.format(
@@ -710,6 +712,20 @@ def test_skip_options(gateway, studies, key, params):
 
 
 # -- errors --------------------------------------------------------------------------
+
+
+def test_stores_are_opened_at_startup(gateway):
+    """
+    A jmix endpoint's store (its index, the clean-up of what crashed
+    processes left) is opened when Harmony starts, not by the first
+    request: the idle endpoint was never asked anything.
+    """
+    index = gateway.directory / "store-idle" / "index.sqlite3"
+    deadline = time.monotonic() + 10
+    while not index.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert index.is_file()
+    assert (gateway.directory / "store-idle" / ".locks").is_dir()
 
 
 def test_unknown_package_is_404(gateway):

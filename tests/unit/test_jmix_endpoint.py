@@ -88,6 +88,38 @@ def test_store_dir_defaults_under_storage(tmp_path):
     assert ep.store_root.endswith("jmix")
 
 
+def test_the_store_is_opened_when_harmony_starts(tmp_path):
+    """
+    The endpoint's one service opens its store at startup (the first
+    request does not pay for it), and reports a store that cannot be
+    opened; requests waiting for it see the error too.
+    """
+    from twisted.internet import defer
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    ep = endpoint(tmp_path)
+
+    class Unopenable:
+        ready = defer.fail(PermissionError(13, "Permission denied"))
+
+    store = jmix._STORES[ep.store_root] = Unopenable()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        (service,) = ep.services(None, None)
+        assert ep._store is None
+        service.startService()
+        assert ep._store is store
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        jmix._STORES.pop(ep.store_root, None)
+    texts = [formatEvent(e) for e in events if e.get("log_namespace") == "harmony.endpoints.jmix"]
+    assert texts == [f"JMIX endpoint j: the package store {ep.store_root} cannot be opened: [Errno 13] Permission denied"]
+    waited = []
+    store.ready.addErrback(waited.append)
+    assert waited[0].check(PermissionError)
+
+
 def test_upload_needs_a_zip(tmp_path):
     from twisted.internet import task
 
