@@ -670,8 +670,8 @@ def main():
     ap.add_argument(
         "--repeat",
         type=int,
-        default=3,
-        help="rounds of every measurement, interleaved; the table shows each run's median (default 3)",
+        default=5,
+        help="rounds of every measurement, interleaved; the table shows each run's median (default 5)",
     )
     ap.add_argument("--no-scu", action="store_true", help="skip Harmony SCU vs storescu")
     ap.add_argument(

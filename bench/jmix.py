@@ -7,7 +7,7 @@ packaging overhead at most 1.3x the retrieve time; RSS bounded).
 
 Run from the repository root with the project's virtualenv::
 
-    .venv/bin/python bench/jmix.py [--instances 200] [--rows 512 --cols 512] [--rounds 3]
+    .venv/bin/python bench/jmix.py [--instances 200] [--rows 512 --cols 512] [--rounds 5]
 
 Everything runs on 127.0.0.1 with free ports, in one go:
 
@@ -420,7 +420,7 @@ def main():
     parser.add_argument("--rows", type=int, default=512, help="rows of each instance (default 512)")
     parser.add_argument("--cols", type=int, default=512, help="columns of each instance (default 512)")
     parser.add_argument("--series", type=int, default=2, help="series of the study (default 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3), after one unmeasured")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5), after one unmeasured")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (data, config, stores, logs)")
     parser.add_argument("--harmony-cores", metavar="LIST",
                         help="taskset core list for Harmony instead of core 0 (e.g. 0-1: Harmony may use every core, "
