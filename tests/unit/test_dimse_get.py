@@ -654,14 +654,22 @@ def test_sop_class_differing_from_the_context_is_refused(peers):
 # -- cancel, abort, timeout ----------------------------------------------------------
 
 
-def test_cancel_mid_get(peers):
+def first_of_a_paced_get(peers):
+    """
+    A C-GET whose sub-operations the test sends one by one: the first one
+    sent and received.  Returns (get, request, the first instance).
+    """
     peers.service.auto = False
     get = peers.get()
     peers.flush()
     [request] = peers.service.requests
     request.next()
     peers.flush()
-    first = result_of(get.instances.read())
+    return get, request, result_of(get.instances.read())
+
+
+def test_cancel_mid_get(peers):
+    get, _, first = first_of_a_paced_get(peers)
     get.cancel()
     get.cancel()  # once only
     peers.flush()
@@ -726,13 +734,7 @@ def send_part_of_a_store(peers, request, pdus_sent=3):
 
 
 def test_abort_mid_sub_operation(peers):
-    peers.service.auto = False
-    get = peers.get()
-    peers.flush()
-    [request] = peers.service.requests
-    request.next()
-    peers.flush()
-    delivered = result_of(get.instances.read())
+    get, request, delivered = first_of_a_paced_get(peers)
     # The second data set arrives half, then the peer aborts.
     send_part_of_a_store(peers, request)
     assert not has_fired(get.result)
