@@ -39,6 +39,7 @@ does not return what was loaded (the numbers would be meaningless).
 """
 
 import argparse
+import itertools
 import os
 import resource
 import shutil
@@ -703,7 +704,7 @@ def print_memory_probe():
 
 
 SET_ASIDE = ".set-aside"
-_aside_seq = iter(range(1, 1 << 62))
+_aside_seq = itertools.count(1)
 
 
 def set_aside(path, parent=None):
