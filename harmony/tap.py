@@ -19,7 +19,7 @@ from twisted.logger import ILogObserver
 from twisted.python import components, usage
 from zope.interface import implementer
 
-from harmony import __version__, logs, systemd, workers
+from harmony import __version__, allocator, logs, systemd, workers
 from harmony import tls as harmony_tls
 from harmony.config import ConfigError, load_config
 from harmony.gateway import build_gateway
@@ -472,6 +472,7 @@ def makeService(options):
     logs.configure(config.logging)
     if config.logging.log_to_file:
         logs.add_file(config.resolve_path(config.logging.log_file_path))
+    allocator.tune()
     shared_dir = None
     if config.proxy.workers > 1:
         # Before anything is built: rate limits and metrics find it.
@@ -525,6 +526,7 @@ def build_worker(reactor, config_path, index, adopted):
     config = load_config(config_path, registry)
     logs.configure(config.logging)
     logs.set_worker(index)
+    allocator.tune()
     observers = [logs.twistd_observer(None, reactor)]
     if config.logging.log_to_file:
         logs.add_file(config.resolve_path(config.logging.log_file_path))
