@@ -9,7 +9,7 @@ faults in and zeroes, and takes back at C{free}: glibc raises that limit by
 itself only up to the size of the blocks freed, and C{recv}'s buffers are
 freed after being shrunk, so it never does.  A JMIX build of a 100 MiB
 study took 7,000-28,000 page faults that way (900-5,000 with the settings
-below) and about 20% more CPU (bench/README.md, C{jmix.py}).
+below) and 5-20% more CPU (A/B runs, bench/README.md, C{jmix.py}).
 
 L{tune} sets C{M_MMAP_THRESHOLD} to L{MMAP_THRESHOLD} (smaller blocks come
 from the heap and are reused) and C{M_TRIM_THRESHOLD} to L{TRIM_THRESHOLD}
