@@ -254,6 +254,11 @@ class DicomInstance:
     #: instance (sent it on, or given up), removing the copy; C{None} when
     #: the instance is kept.
     dispose = attr.ib(default=None)
+    #: (Study, Series, SOP Instance UID) as the receiver read them from the
+    #: data set (L{harmony.storage.dicom.uids_from_dataset_prefix}; C{None}
+    #: for one the data set lacks), so that a consumer need not walk it
+    #: again; C{None} when not read.
+    uids = attr.ib(default=None)
 
 
 @attr.s(slots=True)

@@ -217,6 +217,8 @@ class _StoreOperation:
         self._prefix_size = 0
         self._writer = None
         self._relpath = None
+        #: The data set's (study, series, SOP instance) UIDs once read.
+        self._uids = None
         self._failed = None
         self._answered = False
 
@@ -327,6 +329,7 @@ class _StoreOperation:
         if refusal is not None:
             self.fail(*refusal)
             return
+        self._uids = (study, series, sop)
         try:
             self._relpath = layout_path(self.service.layout, study, series, self.sop_instance_uid)
         except ValueError:

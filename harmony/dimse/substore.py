@@ -192,6 +192,7 @@ class _SubStore(_StoreOperation):
             data=held,
             size=len(held),
             dispose=dispose,
+            uids=self._uids,
         )
         self.service.owner._sub_stored(self, instance)
         self._respond(dimse_status.SUCCESS, None)
@@ -205,6 +206,7 @@ class _SubStore(_StoreOperation):
             study, series, sop = uids_from_dataset_prefix(data, self.transfer_syntax, final=True)
         except ValueError:
             return dimse_status.CANNOT_UNDERSTAND, "The data set cannot be decoded"
+        self._uids = (study, series, sop)
         return self._uid_refusal(study, series, sop)
 
     def fail(self, status, comment):
@@ -225,6 +227,7 @@ class _SubStore(_StoreOperation):
             ),
             size=stored.size,
             path=stored.path,
+            uids=self._uids,
         )
         self.service.owner._sub_stored(self, instance)
         self._respond(dimse_status.SUCCESS, None)

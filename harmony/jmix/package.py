@@ -641,10 +641,14 @@ class PackageBuilder:
         if self._zip.closed:
             raise ValueError("the package is finished")
 
-    def add(self, source):
+    def add(self, source, uids=None):
         """
         Add one instance: a DICOM Part 10 file (a path; read, not changed)
-        or its bytes (bytes-like).
+        or its bytes (bytes-like).  C{uids}: its (study, series, SOP
+        instance) UIDs when the caller read them from this very data set
+        with L{harmony.storage.dicom.uids_from_dataset_prefix} (a retrieve
+        does, as it receives an instance): the tag walk is not done twice.
+        They are checked as the walk's would be.
 
         @return: L{committed} after it.
         @raise ValueError: not DICOM, another study, an invalid or
@@ -654,30 +658,32 @@ class PackageBuilder:
         index = len(self._instances)
         try:
             if isinstance(source, (bytes, bytearray, memoryview)):
-                self._add_bytes(memoryview(source), index)
+                self._add_bytes(memoryview(source), index, uids)
             else:
-                self._add(source, index)
+                self._add(source, index, uids)
         except BaseException:
             self._broken = True
             raise
         return self._zip.offset
 
-    def _add_bytes(self, data, index):
+    def _add_bytes(self, data, index, uids):
         size = len(data)
-        uids = _header_uids(data[:MAP_WINDOW], MAP_WINDOW >= size) if size else None
+        if uids is None and size:
+            uids = _header_uids(data[:MAP_WINDOW], MAP_WINDOW >= size)
         entry = self._entry(uids, lambda: io.BytesIO(data), index)
         own = None if self.skip_hashing else hashlib.sha256(data)
         offset = self._zip.add_file(entry.name, None, size, crc32(data), data)
         self._record(entry, index, offset, size, own)
 
-    def _add(self, path, index):
+    def _add(self, path, index, uids):
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
             size = os.fstat(fd).st_size
             first = min(size, MAP_WINDOW)
             own = None if self.skip_hashing else hashlib.sha256()
             with _mapped(fd, 0, first) as head:
-                uids = _header_uids(head, first == size) if first else None
+                if uids is None and first:
+                    uids = _header_uids(head, first == size)
                 entry = self._entry(uids, lambda: path, index)
                 if own is not None:
                     own.update(head)

@@ -266,7 +266,8 @@ class JmixBuilder:
             ))
             answer.builder = builder
             # A failed instance stops the retrieve (the read below ends).
-            queue = _InstanceQueue(lambda source: in_thread(builder.add, source), answer.written, instances.cancel)
+            queue = _InstanceQueue(lambda source, uids: in_thread(builder.add, source, uids), answer.written,
+                                   instances.cancel)
             while queue.failure is None:
                 try:
                     instance = await instances.read()
@@ -355,8 +356,8 @@ def _public_error(failure):
 class _InstanceQueue:
     """
     Adds retrieved instances to the package one at a time, in arrival
-    order, in the thread pool (C{add(path or bytes)} returns a Deferred of
-    the zip's committed size); disposes of each once done with it.  After a failure
+    order, in the thread pool (C{add(path or bytes, the UIDs the retrieve
+    read or None)} returns a Deferred of the zip's committed size); disposes of each once done with it.  After a failure
     the instances still queued are only disposed of.
 
     @ivar added: how many instances were added.
@@ -413,9 +414,9 @@ class _InstanceQueue:
                     continue
                 self._busy = True
                 if instance.path is not None:
-                    d = defer.maybeDeferred(self._add, instance.path)
+                    d = defer.maybeDeferred(self._add, instance.path, instance.uids)
                 elif isinstance(instance.data, (bytes, bytearray, memoryview)):
-                    d = defer.maybeDeferred(self._add, instance.data)
+                    d = defer.maybeDeferred(self._add, instance.data, instance.uids)
                 else:
                     d = defer.fail(ValueError("a retrieved instance is neither a stored file nor in memory"))
                 d.addBoth(self._added, instance)

@@ -349,6 +349,8 @@ def check_instance(instance, original, root):
     assert instance.sop_class_uid == original.SOPClassUID
     assert instance.sop_instance_uid == original.SOPInstanceUID
     assert instance.transfer_syntax == EXPLICIT
+    # As read from the data set while it came in: consumers need not read them again.
+    assert instance.uids == (original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID)
     relpath = f"{original.StudyInstanceUID}/{original.SeriesInstanceUID}/{original.SOPInstanceUID}.dcm"
     assert instance.path == os.path.join(root, *relpath.split("/"))
     assert instance.size == os.path.getsize(instance.path)
@@ -883,6 +885,8 @@ def test_memory_budget_delivers_the_part10_bytes_a_file_would_hold(tmp_path):
         assert instance.size == len(instance.data)
         assert (instance.sop_class_uid, instance.sop_instance_uid, instance.transfer_syntax) == (
             original.SOPClassUID, original.SOPInstanceUID, EXPLICIT)
+        assert instance.uids == stored_instance.uids == (
+            original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID)
     # Nothing was written, and the data sets are held until disposed of.
     assert held.stored_files() == [] and held.temp_files() == []
     assert budget.held == sum(dataset_size(o) for o in originals)

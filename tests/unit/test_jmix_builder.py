@@ -459,6 +459,34 @@ def test_instances_held_in_memory_are_packaged(setup, tmp_path):
     assert sorted(payload_dicom.values()) == sorted(read_bytes(p) for _, _, p in made)
 
 
+def test_the_uids_the_retrieve_read_are_not_read_again(setup, tmp_path, monkeypatch):
+    """
+    Instances delivered with the UIDs their retrieve read from them (held
+    in memory or spooled) are packaged without another tag walk.
+    """
+    from harmony.jmix import package as package_module
+
+    mw, root, study, made, _ = setup
+    leader = envelope(root, study)
+    fired(mw.request(leader))
+    items, disposed = retrieved(tmp_path, made)
+    for n, (item, (series_uid, sop_uid, _)) in enumerate(zip(items, made)):
+        item.uids = (study, series_uid, sop_uid)
+        if n % 2:
+            item.data, item.path = read_bytes(item.path), None
+
+    def no_walk(*args):
+        raise AssertionError("walked again")
+
+    monkeypatch.setattr(package_module, "_header_uids", no_walk)
+    result = DicomResult(status=None, instances=Stream.from_iterable(items), done=defer.succeed((0, None)))
+    body = fired(collect(fired(mw.response(leader, ResponseEnvelope(dicom=result))).body))
+    path = tmp_path / "given.zip"
+    path.write_bytes(body)
+    payload_dicom = {n: d for n, d in Unzipped(str(path)).payload().items() if n.startswith("dicom/")}
+    assert sorted(payload_dicom.values()) == sorted(read_bytes(p) for _, _, p in made)
+
+
 def test_builds_in_different_arrival_orders_have_the_same_payload(setup, tmp_path):
     """
     Two builds of the study (two stores), its instances arriving in two

@@ -438,6 +438,39 @@ def test_instances_given_as_bytes_make_the_same_zip(tmp_path, study, skip_hashin
     assert zips[0] == zips[1] == zips[2]
 
 
+def test_uids_given_by_the_caller_spare_the_tag_walk(tmp_path, study, monkeypatch):
+    """
+    An instance added with the UIDs its receiver already read (a retrieve
+    does) is not walked again, from a file or from bytes, and makes the
+    same zip; the UIDs are still checked as the walk's would be.
+    """
+    _, made, _ = study
+    package_id = str(uuid.uuid4())
+    walked = build_package([p for _, _, p in made], str(tmp_path / "walked"), package_id=package_id, now=NOW)
+
+    def no_walk(*args):
+        raise AssertionError("walked again")
+
+    monkeypatch.setattr(package, "_header_uids", no_walk)
+    builder = PackageBuilder(str(tmp_path / "given.zip"), package_id=package_id, now=NOW)
+    study_uid = dcmread(made[0][2]).StudyInstanceUID
+    for i, (series_uid, sop_uid, path) in enumerate(made):
+        builder.add(read_bytes(path) if i % 2 else path, (study_uid, series_uid, sop_uid))
+    assert read_bytes(builder.finish().zip_path) == read_bytes(walked.zip_path)
+
+    series_uid, sop_uid, path = made[0]
+    for uids, message in [
+        (("1.2.3", series_uid, sop_uid), "more than one study"),
+        ((study_uid, "../../x", sop_uid), "invalid SeriesInstanceUID"),
+        ((study_uid, series_uid, None), "input file 1 has no SOPInstanceUID"),
+    ]:
+        builder = PackageBuilder(str(tmp_path / f"bad{len(message)}.zip"), now=NOW)
+        builder.add(made[1][2], (study_uid, made[1][0], made[1][1]))
+        with pytest.raises(ValueError, match=message):
+            builder.add(read_bytes(path), uids)
+        builder.abort()
+
+
 def test_bytes_that_are_not_dicom_are_refused(tmp_path, study):
     _, made, _ = study
     for junk in (b"", b"not DICOM at all", read_bytes(made[0][2])[:200]):
