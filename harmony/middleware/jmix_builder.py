@@ -357,7 +357,8 @@ class _InstanceQueue:
     """
     Adds retrieved instances to the package one at a time, in arrival
     order, in the thread pool (C{add(path or bytes, the UIDs the retrieve
-    read or None)} returns a Deferred of the zip's committed size); disposes of each once done with it.  After a failure
+    read or None)} returns a Deferred of the zip's committed size);
+    disposes of each once done with it.  After a failure
     the instances still queued are only disposed of.
 
     @ivar added: how many instances were added.
