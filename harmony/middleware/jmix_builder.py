@@ -17,9 +17,10 @@ endpoint's query route (C{GET api/jmix?studyInstanceUid=UID}):
      C-MOVE per its C{dimse_retrieve_mode}) and each instance, as it
      arrives, is added to the package's zip in the reactor's thread pool
      (L{harmony.jmix.package.PackageBuilder.add}: its header checked, its
-     SHA-256 and CRC-32 computed in one read, its zip entry written), one
-     instance at a time in arrival order, while the retrieve goes on; then
-     its spooled copy is disposed of.  Once the retrieve has ended, the
+     SHA-256 and CRC-32 computed in one read, its zip entry written), in
+     arrival order, while the retrieve goes on (the instances that arrive
+     while the thread adds one go to it together, L{BATCH} at most); then
+     each is disposed of (its memory or spooled copy given back).  Once the retrieve has ended, the
      builder writes the JSON documents and the central directory
      (L{harmony.jmix.package.PackageBuilder.finish}), the zip is moved from
      the build's staging area into the store and indexed.
@@ -90,6 +91,8 @@ _LEADER = object()
 #: Instances waiting for the builder thread at most (then the retrieve's
 #: stream is left unread, which pauses the retrieve).
 MAX_QUEUED = 64
+#: Instances handed to the builder thread in one call at most.
+BATCH = 16
 #: The streamed zip: bytes read back per chunk, and buffered at most
 #: before the reading pauses (until the client has taken them).
 TAIL_CHUNK = 512 * 1024
@@ -266,8 +269,13 @@ class JmixBuilder:
             ))
             answer.builder = builder
             # A failed instance stops the retrieve (the read below ends).
-            queue = _InstanceQueue(lambda source, uids: in_thread(builder.add, source, uids), answer.written,
-                                   instances.cancel)
+            queue = _InstanceQueue(
+                lambda items, done, stopped: in_thread(
+                    _add_all, builder, items, lambda i, committed: reactor.callFromThread(done, i, committed), stopped
+                ),
+                answer.written,
+                instances.cancel,
+            )
             while queue.failure is None:
                 try:
                     instance = await instances.read()
@@ -355,10 +363,19 @@ def _public_error(failure):
 
 class _InstanceQueue:
     """
-    Adds retrieved instances to the package one at a time, in arrival
-    order, in the thread pool (C{add(path or bytes, the UIDs the retrieve
-    read or None)} returns a Deferred of the zip's committed size);
-    disposes of each once done with it.  After a failure
+    Adds retrieved instances to the package in arrival order, in the thread
+    pool, a batch at a time: whatever has arrived while the previous batch
+    was being added (at most L{BATCH}) goes to the thread in one call, so
+    the thread does not wait for the reactor between two instances.
+
+    C{add(items, done, stopped)} adds C{items}, a list of C{(path or bytes,
+    the UIDs the retrieve read or None)}, one after the other in a thread,
+    calls C{done(i, committed size of the zip)} once item C{i} is in (on the
+    reactor thread: the caller arranges it), stops early when C{stopped()}
+    is true, and returns a Deferred that fires once it has stopped (its
+    failure: the first item that could not be added).  Each instance is
+    disposed of as soon as it is in (its memory given back to the
+    retrieve), the others of a batch when the batch ends.  After a failure
     the instances still queued are only disposed of.
 
     @ivar added: how many instances were added.
@@ -370,14 +387,16 @@ class _InstanceQueue:
         self._on_added = on_added
         self._on_failed = on_failed
         self._queue = deque()
-        self._busy = False
+        #: The batch being added: its instances, each C{None} once added.
+        self._batch = None
+        self._in_flight = 0
         self._dispatching = False
         self._waiters = []
         self.added = 0
         self.failure = None
 
     def __len__(self):
-        return len(self._queue) + self._busy
+        return len(self._queue) + self._in_flight
 
     def put(self, instance):
         self._queue.append(instance)
@@ -385,7 +404,8 @@ class _InstanceQueue:
 
     def cancel(self):
         """
-        Add nothing more (what is queued is disposed of).
+        Add nothing more (what is queued is disposed of; a batch being
+        added stops after its current instance).
         """
         if self.failure is None:
             self.failure = Failure(defer.CancelledError())
@@ -402,27 +422,30 @@ class _InstanceQueue:
         self._waiters.append((most, d))
         return d
 
+    def _stopped(self):
+        # Read by the thread between two instances.
+        return self.failure is not None
+
     def _dispatch(self):
-        # A loop, not recursion, when the adds end at once.
+        # A loop, not recursion, when a batch ends at once.
         if self._dispatching:
             return
         self._dispatching = True
         try:
-            while self._queue and not self._busy:
-                instance = self._queue.popleft()
+            while self._queue and self._batch is None:
                 if self.failure is not None:
-                    _dispose(instance)
+                    _dispose(self._queue.popleft())
                     continue
-                self._busy = True
-                if instance.path is not None:
-                    d = defer.maybeDeferred(self._add, instance.path, instance.uids)
-                elif isinstance(instance.data, (bytes, bytearray, memoryview)):
-                    d = defer.maybeDeferred(self._add, instance.data, instance.uids)
-                else:
-                    d = defer.fail(ValueError("a retrieved instance is neither a stored file nor in memory"))
-                d.addBoth(self._added, instance)
+                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                self._batch, self._in_flight = batch, len(batch)
+                items = [(_source(instance), instance.uids) for instance in batch]
+                d = defer.maybeDeferred(self._add, items, self._added, self._stopped)
+                d.addBoth(self._ended, batch)
         finally:
             self._dispatching = False
+        self._wake()
+
+    def _wake(self):
         waiting, self._waiters = self._waiters, []
         for most, d in waiting:
             if len(self) <= most:
@@ -430,17 +453,48 @@ class _InstanceQueue:
             else:
                 self._waiters.append((most, d))
 
-    def _added(self, result, instance):
-        self._busy = False
+    def _added(self, i, committed):
+        instance, self._batch[i] = self._batch[i], None
+        self._in_flight -= 1
         _dispose(instance)
-        if isinstance(result, Failure):
-            if self.failure is None:
-                self.failure = result
-                self._on_failed()
-        elif self.failure is None:
+        if self.failure is None:
             self.added += 1
-            self._on_added(result)
+            self._on_added(committed)
+        self._wake()
+
+    def _ended(self, result, batch):
+        self._batch, self._in_flight = None, 0
+        for instance in batch:
+            if instance is not None:
+                _dispose(instance)
+        if isinstance(result, Failure) and self.failure is None:
+            self.failure = result
+            self._on_failed()
         self._dispatch()
+
+
+def _source(instance):
+    """
+    What L{harmony.jmix.package.PackageBuilder.add} takes for a retrieved
+    instance: its file, or its bytes; C{None} when it has neither.
+    """
+    if instance.path is not None:
+        return instance.path
+    if isinstance(instance.data, (bytes, bytearray, memoryview)):
+        return instance.data
+    return None
+
+
+def _add_all(builder, items, done, stopped):
+    """
+    Add C{items} to the package (in a thread; see L{_InstanceQueue}).
+    """
+    for i, (source, uids) in enumerate(items):
+        if stopped():
+            return
+        if source is None:
+            raise ValueError("a retrieved instance is neither a stored file nor in memory")
+        done(i, builder.add(source, uids))
 
 
 def _dispose(instance):

@@ -28,6 +28,7 @@ from harmony.dimse.scu import read_part10_header
 from harmony.endpoints import jmix as jmix_endpoint
 from harmony.envelope import DicomInstance, DicomResult, RequestDetails, RequestEnvelope, ResponseEnvelope
 from harmony.errors import NotFound, UpstreamUnavailable
+from harmony.jmix.package import PackageBuilder
 from harmony.jmix.store import PackageStore
 from harmony.middleware import jmix_builder
 from harmony.registry import BuildContext
@@ -544,6 +545,100 @@ def test_the_retrieve_is_not_read_far_ahead_of_the_builder(setup, monkeypatch):
     reactor.drain()
     assert len(disposed) == len(made)
     assert zip_names(fired(answer))
+
+
+def test_instances_arriving_during_an_add_go_to_the_thread_together(setup, monkeypatch):
+    """
+    While the thread adds one instance the next ones queue; they then go to
+    the thread in one call (it does not wait for the reactor between two
+    instances), and each is disposed of as soon as it is in the zip.
+    """
+    mw, root, study, made, tmp_path = setup
+    reactor, leader = lead(setup)
+    items, disposed = retrieved(tmp_path, made)
+    seen = []
+    add = PackageBuilder.add
+    monkeypatch.setattr(PackageBuilder, "add", lambda self, *a: (seen.append(len(disposed)), add(self, *a))[1])
+    instances = Stream()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
+                                                                    done=defer.succeed((0, None)))))
+    reactor.drain()  # the staging area, the builder
+    before = reactor.pool.submitted
+    for item in items:
+        instances.write(item)
+    instances.finish()
+    assert reactor.pool.submitted == before + 1  # the first instance
+    reactor.pool.run()
+    assert reactor.pool.submitted == before + 2  # the five others, together
+    reactor.pool.run()
+    assert seen == [0, 1, 2, 3, 4, 5]
+    reactor.drain()
+    assert len(disposed) == len(made)
+    assert sum(name.endswith(".dcm") for name in zip_names(fired(answer))) == len(made)
+
+
+def test_a_bad_instance_ends_its_batch(setup, tmp_path):
+    """
+    The instances of a batch after one that cannot be packaged are not
+    added, only disposed of; the build fails.
+    """
+    mw, root, study, made, tmp_path = setup
+    reactor, leader = lead(setup)
+    _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
+    items, disposed = retrieved(tmp_path, made[:2] + other + made[2:])
+    instances = Stream()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
+                                                                    done=defer.Deferred())))
+    reactor.drain()
+    for item in items:
+        instances.write(item)
+    reactor.drain()
+    body = Reader(fired(answer).body)
+    assert body.ended is not False and body.ended.check(UpstreamUnavailable)
+    assert len(disposed) == len(items)
+    assert instances.cancelled
+    assert listed(root) == sorted([".locks", ".staging"])
+
+
+def test_a_cancelled_queue_stops_its_batch_after_the_current_instance():
+    """
+    The queue itself, with a thread pool stand-in that ends each batch when
+    told: the first instance goes alone, the three that arrive meanwhile
+    together; a cancel mid-batch asks the thread to stop, and what it did
+    not add is disposed of when the batch ends.
+    """
+    disposed, added, batches = [], [], []
+
+    def instance(n):
+        return DicomInstance("1.2", "1.2.%d" % n, "1.2.840.10008.1.2.1", b"x%d" % n,
+                             dispose=lambda: disposed.append(n))
+
+    def add(items, done, stopped):
+        batches.append((items, done, stopped, defer.Deferred()))
+        return batches[-1][3]
+
+    queue = jmix_builder._InstanceQueue(add, added.append, lambda: None)
+    for n in range(4):
+        queue.put(instance(n))
+    items, done, stopped, ended = batches[0]
+    assert items == [(b"x0", None)]
+    done(0, 100)
+    assert (added, disposed, len(queue)) == ([100], [0], 3)
+    ended.callback(None)
+    items, done, stopped, ended = batches[1]
+    assert items == [(b"x1", None), (b"x2", None), (b"x3", None)]
+    done(0, 200)
+    assert (disposed, len(queue)) == ([0, 1], 2)
+    waited = queue.wait(0)
+    assert not stopped()
+    queue.cancel()
+    assert stopped()  # the thread adds no more of this batch
+    assert not waited.called
+    ended.callback(None)
+    assert waited.called
+    assert (added, sorted(disposed), len(queue), queue.added) == ([100, 200], [0, 1, 2, 3], 0, 2)
+    assert queue.failure.check(defer.CancelledError)
+    assert len(batches) == 2
 
 
 def test_study_missing_on_the_pacs_is_404_for_everyone(setup):
