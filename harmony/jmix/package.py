@@ -5,7 +5,10 @@ written once, front to back.
 
 Everything here is synchronous (file I/O and hashing): callers on the
 reactor run it in a thread pool (C{deferToThreadPool}), one call at a time
-per builder.
+per builder; except L{PackageBuilder.add} of a small instance given as
+bytes with its UIDs (hashing it and appending it to the zip in the page
+cache, about a millisecond per MiB), which the JMIX builder does on the
+reactor thread (L{harmony.middleware.jmix_builder}).
 
 A package (issue 7, "build exactly this") is the zip C{<id>.zip} whose
 entries are, under C{<id>/}::

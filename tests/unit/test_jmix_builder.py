@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import types
 import zipfile
 
 import pytest
@@ -45,10 +46,16 @@ class Reactor(FakeReactor):
 
     def drain(self):
         """
-        Run the thread pool's work (and what it leads to) until none is left.
+        Run the thread pool's work and the reactor's turns that are due (and
+        what they lead to) until none is left.
         """
-        while self.pool.pending:
-            self.pool.run()
+        while True:
+            if self.pool.pending:
+                self.pool.run()
+            elif any(call.getTime() <= self.seconds() for call in self.getDelayedCalls()):
+                self.advance(0)
+            else:
+                return
 
 
 @pytest.fixture
@@ -112,6 +119,15 @@ def retrieved(tmp_path, made, name="spool"):
         items.append(DicomInstance(header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax, None,
                                    path=str(copy), dispose=lambda copy=copy: (disposed.append(1), os.remove(copy))))
     return items, disposed
+
+
+def answered(mw, leader, result):
+    """
+    The leader's answer to C{result}, once the reactor has done what is due.
+    """
+    d = mw.response(leader, ResponseEnvelope(dicom=result))
+    mw._reactor.drain()
+    return fired(d)
 
 
 def zip_names(response):
@@ -450,7 +466,7 @@ def test_instances_held_in_memory_are_packaged(setup, tmp_path):
         item.data = data
         item.dispose = lambda: disposed.append(1)
     result = DicomResult(status=None, instances=Stream.from_iterable(items), done=defer.succeed((0, None)))
-    body = fired(collect(fired(mw.response(leader, ResponseEnvelope(dicom=result))).body))
+    body = fired(collect(answered(mw, leader, result).body))
     assert len(disposed) == len(made)
     path = tmp_path / "memory.zip"
     path.write_bytes(body)
@@ -481,7 +497,7 @@ def test_the_uids_the_retrieve_read_are_not_read_again(setup, tmp_path, monkeypa
 
     monkeypatch.setattr(package_module, "_header_uids", no_walk)
     result = DicomResult(status=None, instances=Stream.from_iterable(items), done=defer.succeed((0, None)))
-    body = fired(collect(fired(mw.response(leader, ResponseEnvelope(dicom=result))).body))
+    body = fired(collect(answered(mw, leader, result).body))
     path = tmp_path / "given.zip"
     path.write_bytes(body)
     payload_dicom = {n: d for n, d in Unzipped(str(path)).payload().items() if n.startswith("dicom/")}
@@ -600,6 +616,74 @@ def test_a_bad_instance_ends_its_batch(setup, tmp_path):
     assert listed(root) == sorted([".locks", ".staging"])
 
 
+def test_small_instances_in_memory_are_added_on_the_reactor_thread(setup, monkeypatch):
+    """
+    Instances held in memory whose UIDs the retrieve read are added on the
+    reactor thread, in a later turn than the one that received them (which
+    sends their C-STORE-RSP), INLINE_TURN bytes per turn at most; larger
+    ones go to the thread pool, in their place in the arrival order.
+    """
+    mw, root, study, made, tmp_path = setup
+    reactor, leader = lead(setup)
+    items, disposed = retrieved(tmp_path, made)
+    for item, (series_uid, sop_uid, _) in zip(items, made):
+        item.uids = (study, series_uid, sop_uid)
+        item.data, item.path = read_bytes(item.path), None
+    sizes = [len(item.data) for item in items]
+    # The series are CT (3 instances), MR (2, smaller), CT (1): the CTs are "large".
+    assert max(sizes[3:5]) < min(sizes[:3] + sizes[5:])
+    monkeypatch.setattr(jmix_builder, "INLINE_MAX", max(sizes[3:5]))
+    monkeypatch.setattr(jmix_builder, "INLINE_TURN", max(sizes[3:5]))
+    where = []
+    add = PackageBuilder.add
+    monkeypatch.setattr(PackageBuilder, "add", lambda self, *a: (where.append(reactor.pool.in_pool), add(self, *a))[1])
+    turns = []  # the reactor's later turns, run by hand
+
+    def defer_later(clock, delay, f, *args):
+        assert (clock, delay) == (reactor, 0)
+        d = defer.Deferred()
+        turns.append(lambda: d.callback(f(*args)))
+        return d
+
+    monkeypatch.setattr(jmix_builder, "task", types.SimpleNamespace(deferLater=defer_later))
+    instances = Stream()
+    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
+                                                                    done=defer.succeed((0, None)))))
+    reactor.drain()  # the staging area, the builder
+    for item in items:
+        instances.write(item)
+    instances.finish()
+    reactor.pool.run()  # the first CT; the two others go together
+    reactor.pool.run()
+    assert where == [True] * 3 and len(turns) == 1
+    turns.pop(0)()  # the first MR, alone (a turn's worth)
+    assert where == [True] * 3 + [False]
+    assert len(disposed) == 4 and len(turns) == 1
+    turns.pop(0)()
+    assert where == [True] * 3 + [False] * 2
+    assert not turns
+    reactor.drain()
+    assert where == [True] * 3 + [False] * 2 + [True]
+    assert len(disposed) == len(made)
+    assert sum(name.endswith(".dcm") for name in zip_names(fired(answer))) == len(made)
+
+
+def test_instances_are_added_in_the_reactor_only_when_their_uids_are_known(setup):
+    """
+    An instance in memory without the UIDs the retrieve read (its header is
+    to be walked, or parsed by pydicom) is added in the thread pool.
+    """
+    mw, root, study, made, tmp_path = setup
+    items, _ = retrieved(tmp_path, made[:1])
+    item = items[0]
+    item.data, item.path = read_bytes(item.path), None
+    assert not jmix_builder._inline(item)
+    item.uids = (study, made[0][0], made[0][1])
+    assert jmix_builder._inline(item)
+    item.data = bytes(jmix_builder.INLINE_MAX + 1)
+    assert not jmix_builder._inline(item)
+
+
 def test_a_cancelled_queue_stops_its_batch_after_the_current_instance():
     """
     The queue itself, with a thread pool stand-in that ends each batch when
@@ -613,7 +697,8 @@ def test_a_cancelled_queue_stops_its_batch_after_the_current_instance():
         return DicomInstance("1.2", "1.2.%d" % n, "1.2.840.10008.1.2.1", b"x%d" % n,
                              dispose=lambda: disposed.append(n))
 
-    def add(items, done, stopped):
+    def add(items, done, stopped, inline):
+        assert not inline
         batches.append((items, done, stopped, defer.Deferred()))
         return batches[-1][3]
 
