@@ -114,8 +114,12 @@ class _SubStore(_StoreOperation):
         self._gone = False
         #: Collected in memory while the budget allows (else into a file).
         self._in_memory = service.memory is not None
-        #: The Part 10 file so far: file meta, then the data set's bytes.
+        #: The Part 10 file so far, in pieces: the file meta, then the data
+        #: set's fragments as received (joined once, when complete: growing
+        #: one buffer moved it on every reallocation).
         self._held = None
+        #: The data set's bytes held (the budget reserved).
+        self._held_size = 0
         self._meta_size = 0
 
     def _source_aet(self):
@@ -130,7 +134,9 @@ class _SubStore(_StoreOperation):
         if self._held is None and not self._start_held():
             return
         if self.service.memory.take(len(data)):
-            self._held += data
+            # A view of the received bytes (never changed once received).
+            self._held.append(data)
+            self._held_size += len(data)
             return
         self._spill()
         _StoreOperation.fragment(self, data)
@@ -139,7 +145,8 @@ class _SubStore(_StoreOperation):
         meta = self._meta()
         if meta is None:
             return False
-        self._held = bytearray(meta)
+        self._held = [meta]
+        self._held_size = 0
         self._meta_size = len(meta)
         return True
 
@@ -150,7 +157,7 @@ class _SubStore(_StoreOperation):
         held, self._held = self._held, None
         self._in_memory = False
         if held is not None:
-            self.service.memory.give(len(held) - self._meta_size)
+            self.service.memory.give(self._held_size)
         return held
 
     def _spill(self):
@@ -159,7 +166,8 @@ class _SubStore(_StoreOperation):
         first.
         """
         held = self._release()
-        _StoreOperation.fragment(self, bytes(memoryview(held)[self._meta_size :]))
+        for data in held[1:]:
+            _StoreOperation.fragment(self, data)
 
     def finish(self):
         if not self._in_memory or self._failed is not None:
@@ -169,8 +177,8 @@ class _SubStore(_StoreOperation):
         if self._held is None and not self._start_held():
             self._respond(*self._failed)
             return
-        held, self._held = self._held, None  # the reservation now belongs to the instance
-        size = len(held) - self._meta_size
+        size = self._held_size
+        held, self._held = b"".join(self._held), None  # the reservation now belongs to the instance
         memory = self.service.memory
         failure = self._check(memoryview(held)[self._meta_size :])
         if failure is not None:
