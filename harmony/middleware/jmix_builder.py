@@ -34,10 +34,10 @@ turn at most: hashing and appending it to the zip in the page cache take
 about a millisecond per MiB, like the C-STORE SCP's own streamed writes
 (rule 1 of the house: "small sequential writes of streamed chunks into the
 page cache may stay on the reactor thread when a benchmark shows that is
-faster").  Measured with C{bench/jmix.py}'s study (200 x 512 KiB, Harmony
-on one core), against the thread pool for every instance: builds 10-12%
-faster, with 10% less CPU (no thread hand-over and GIL exchange per
-instance).  Anything else (a spooled file, which must be read; a larger
+faster").  Measured with C{bench/jmix.py}'s study (200 x 512 KiB), A/B
+against the thread pool for every instance: build medians 0.381 -> 0.358 s
+with Harmony on one core (CPU 0.375 -> 0.350 s: no thread hand-over and
+GIL exchange per instance), 0.432 -> 0.394 s on two.  Anything else (a spooled file, which must be read; a larger
 instance; one whose UIDs must still be read, perhaps by pydicom) is added
 in the thread pool, the instances that arrive meanwhile handed over
 together (L{BATCH} at most).  Either way one batch is added at a time, in
@@ -106,8 +106,8 @@ OPTIONS = Schema(
 #: What C{start} hands over when a request is the one that builds.
 _LEADER = object()
 
-#: Instances waiting for the builder thread at most (then the retrieve's
-#: stream is left unread, which pauses the retrieve).
+#: Instances waiting to be added at most (then the retrieve's stream is
+#: left unread, which pauses the retrieve).
 MAX_QUEUED = 64
 #: Instances handed to the thread pool in one call at most.
 BATCH = 16
