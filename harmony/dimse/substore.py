@@ -134,7 +134,9 @@ class _SubStore(_StoreOperation):
         if self._held is None and not self._start_held():
             return
         if self.service.memory.take(len(data)):
-            # A view of the received bytes (never changed once received).
+            # A view of the received bytes (never changed once received),
+            # which keeps the read it came in alive until the data set is
+            # complete: at most one read (1 MiB) beyond the budget.
             self._held.append(data)
             self._held_size += len(data)
             return
