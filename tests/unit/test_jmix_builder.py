@@ -130,6 +130,17 @@ def answered(mw, leader, result):
     return fired(d)
 
 
+def stream_answer(mw, leader, done=None):
+    """
+    The leader's answer to a retrieve whose instances the test writes:
+    (the retrieve's instance stream, the answer's Deferred).  C{done}: the
+    retrieve's outcome (by default a Deferred that never fires).
+    """
+    instances = Stream()
+    result = DicomResult(status=None, instances=instances, done=done if done is not None else defer.Deferred())
+    return instances, mw.response(leader, ResponseEnvelope(dicom=result))
+
+
 def zip_names(response):
     data = fired(collect(response.body))
     return sorted(zipfile.ZipFile(io.BytesIO(data)).namelist())
@@ -324,9 +335,7 @@ def test_a_zip_answer_already_read_from_is_not_taken(setup):
     mw, root, study, made, tmp_path = setup
     reactor, leader = lead(setup)
     items, _ = retrieved(tmp_path, made)
-    instances = Stream()
-    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
-                                                                    done=defer.Deferred())))
+    instances, answer = stream_answer(mw, leader)
     instances.write(items[0])
     reactor.drain()
     body = fired(answer).body
@@ -341,9 +350,7 @@ def test_a_taken_zip_fails_the_wait_when_the_build_fails(setup, tmp_path):
     reactor, leader = lead(setup)
     _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
     items, _ = retrieved(tmp_path, made[:1] + other)
-    instances = Stream()
-    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
-                                                                    done=defer.Deferred())))
+    instances, answer = stream_answer(mw, leader)
     taken = []
     answer.addCallback(lambda response: taken.append(response.body.take_file()) or response)
     instances.write(items[0])
@@ -371,9 +378,7 @@ def test_a_build_failing_mid_stream_ends_the_body_with_an_error(setup):
     waiting = mw.request(envelope(root, study))
     _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
     items, disposed = retrieved(tmp_path, made[:2] + other + made[2:])
-    instances = Stream()
-    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
-                                                                    done=defer.Deferred())))
+    instances, answer = stream_answer(mw, leader)
     reactor.drain()
     for item in items[:3]:
         instances.write(item)
@@ -431,9 +436,7 @@ def test_a_client_gone_mid_stream_does_not_stop_the_build(setup):
     reactor, leader = lead(setup)
     waiting = mw.request(envelope(root, study))
     items, disposed = retrieved(tmp_path, made)
-    instances = Stream()
-    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
-                                                                    done=defer.succeed((0, None)))))
+    instances, answer = stream_answer(mw, leader, defer.succeed((0, None)))
     reactor.drain()
     instances.write(items[0])
     reactor.drain()
@@ -575,9 +578,7 @@ def test_instances_arriving_during_an_add_go_to_the_thread_together(setup, monke
     seen = []
     add = PackageBuilder.add
     monkeypatch.setattr(PackageBuilder, "add", lambda self, *a: (seen.append(len(disposed)), add(self, *a))[1])
-    instances = Stream()
-    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
-                                                                    done=defer.succeed((0, None)))))
+    instances, answer = stream_answer(mw, leader, defer.succeed((0, None)))
     reactor.drain()  # the staging area, the builder
     before = reactor.pool.submitted
     for item in items:
@@ -602,9 +603,7 @@ def test_a_bad_instance_ends_its_batch(setup, tmp_path):
     reactor, leader = lead(setup)
     _, other = make_study(str(tmp_path / "other"), series=(("CT_small.dcm", 1, None),))
     items, disposed = retrieved(tmp_path, made[:2] + other + made[2:])
-    instances = Stream()
-    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
-                                                                    done=defer.Deferred())))
+    instances, answer = stream_answer(mw, leader)
     reactor.drain()
     for item in items:
         instances.write(item)
@@ -646,9 +645,7 @@ def test_small_instances_in_memory_are_added_on_the_reactor_thread(setup, monkey
         return d
 
     monkeypatch.setattr(jmix_builder, "task", types.SimpleNamespace(deferLater=defer_later))
-    instances = Stream()
-    answer = mw.response(leader, ResponseEnvelope(dicom=DicomResult(status=None, instances=instances,
-                                                                    done=defer.succeed((0, None)))))
+    instances, answer = stream_answer(mw, leader, defer.succeed((0, None)))
     reactor.drain()  # the staging area, the builder
     for item in items:
         instances.write(item)
