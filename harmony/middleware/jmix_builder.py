@@ -526,12 +526,11 @@ def _inline(instance):
     at most L{INLINE_MAX} bytes, its UIDs read by the retrieve (no header
     to parse).
     """
-    data = instance.data
     return (
         instance.path is None
         and instance.uids is not None
-        and isinstance(data, (bytes, bytearray, memoryview))
-        and len(data) <= INLINE_MAX
+        and _source(instance) is not None
+        and len(instance.data) <= INLINE_MAX
     )
 
 
